@@ -1,0 +1,164 @@
+"""The `clawbot` command line: `serve` and `check`.
+
+Examples:
+    clawbot serve                       # clawbot.json in the current directory
+    clawbot serve --config /etc/clawbot.json --port 9000
+    clawbot check --config clawbot.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import logging
+import socket
+import sys
+from collections.abc import Sequence
+
+from app import __version__
+from app.config import LOOPBACK_HOSTS, Config, ConfigError, load_config
+from app.gateway import Gateway
+
+log = logging.getLogger("clawbot")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clawbot", description="OpenAI-compatible gateway")
+    parser.add_argument("--version", action="version", version=f"clawbot {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", default="clawbot.json", help="path to clawbot.json")
+    serve.add_argument("--host", help="override model_server.host")
+    serve.add_argument("--port", type=int, help="override model_server.port (0: any free port)")
+    check = sub.add_parser("check", help="validate the config and load every backend")
+    check.add_argument("--config", default="clawbot.json", help="path to clawbot.json")
+    return parser
+
+
+def setup_logging(config: Config) -> None:
+    """Log at `logging.level` to `logging.path`, or to stderr when it is empty."""
+    handler: logging.Handler = (
+        logging.FileHandler(config.logging.path) if config.logging.path else logging.StreamHandler()
+    )
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.logging.level)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind the listening socket up front, so a taken port is a clear config error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(
+                f"model_server.port: {port} is already in use on {host}; "
+                "stop the other server or choose another port"
+            ) from exc
+        raise ConfigError(f"model_server.host: cannot bind {host}:{port}: {exc.strerror}") from exc
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def banner(config: Config, host: str, port: int) -> str:
+    """What a new user needs to call the gateway."""
+    scheme = config.model_server.protocol
+    shown = f"[{host}]" if ":" in host else host
+    base = f"{scheme}://{shown}:{port}/v1"
+    key = "$CLAWBOT_API_KEY" if config.auth.api_key else "none"
+    model = config.models[0].id
+    lines = [f"clawbot {__version__} serving on {base}", "models:"]
+    for m in config.models:
+        aliases = f" (aliases: {', '.join(m.aliases)})" if m.aliases else ""
+        lines.append(f"  {m.id}{aliases}  [{m.backend}]")
+    auth_header = ' -H "Authorization: Bearer $CLAWBOT_API_KEY"' if config.auth.api_key else ""
+    lines += [
+        "try it:",
+        f"  curl {base}/chat/completions{auth_header} -H 'content-type: application/json' \\",
+        f'    -d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}\'',
+        f'  python -c \'from openai import OpenAI; c = OpenAI(base_url="{base}", api_key="{key}"); '
+        f'print(c.chat.completions.create(model="{model}", '
+        'messages=[{"role": "user", "content": "Hello!"}]).choices[0].message.content)\'',
+    ]
+    return "\n".join(lines)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Load config, bind, and serve until interrupted."""
+    import uvicorn
+
+    from app.server import create_app
+
+    config = load_config(args.config)
+    setup_logging(config)
+    host = args.host or config.model_server.host
+    port = config.model_server.port if args.port is None else args.port
+    if not config.auth.api_key and host not in LOOPBACK_HOSTS:
+        raise ConfigError(
+            f"refusing to listen on {host} without an API key: set auth.api_key in "
+            f"{args.config} or CLAWBOT_API_KEY, or bind to 127.0.0.1"
+        )
+    gateway = Gateway.from_config(config)
+    sock = bind_socket(host, port)
+    bound_port = sock.getsockname()[1]
+
+    def on_ready() -> None:
+        print(banner(config, host, bound_port), flush=True)
+
+    server_config = uvicorn.Config(
+        create_app(gateway, on_ready=on_ready),
+        loop="auto",
+        http="auto",
+        lifespan="on",
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=30,
+        ssl_certfile=config.model_server.tls_cert or None,
+        ssl_keyfile=config.model_server.tls_key or None,
+    )
+    server = uvicorn.Server(server_config)
+    server.run(sockets=[sock])
+    return 0 if server.started else 1
+
+
+def check(args: argparse.Namespace) -> int:
+    """Validate the config and start every backend once."""
+    config = load_config(args.config)
+    gateway = Gateway.from_config(config)
+
+    async def probe() -> list[str]:
+        failures = []
+        try:
+            await gateway.start()
+            for served in gateway.models:
+                if not await served.backend.health():
+                    failures.append(f"{served.config.id}: backend is not healthy")
+        finally:
+            await gateway.aclose()
+        return failures
+
+    failures = asyncio.run(probe())
+    for line in failures:
+        print(f"FAIL {line}", file=sys.stderr)
+    if not failures:
+        print(f"OK: {args.config} is valid; {len(config.models)} model(s) ready")
+    return 1 if failures else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `clawbot` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        return {"serve": serve, "check": check}[args.command](args)
+    except ConfigError as exc:
+        print(f"clawbot: config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

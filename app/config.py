@@ -1,0 +1,192 @@
+"""clawbot.json, parsed once into frozen Structs; errors name the bad key and value."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+Port = Annotated[int, Meta(ge=0, le=65535)]
+PositiveInt = Annotated[int, Meta(ge=1)]
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+class ConfigError(Exception):
+    """clawbot.json (or an override) is invalid; the message names the key and value."""
+
+
+class ModelServer(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Where and how the gateway listens."""
+
+    host: str = "127.0.0.1"
+    """Address to bind; a non-loopback address requires `auth.api_key`."""
+    port: Port = 8080
+    """TCP port to bind; 0 picks a free one."""
+    protocol: Literal["http", "https"] = "http"
+    """`https` serves TLS directly with `tls_cert` / `tls_key`."""
+    timeout: PositiveInt = 600_000
+    """Default total time for one backend call, in milliseconds."""
+    tls_cert: str = ""
+    """PEM certificate chain, for protocol https."""
+    tls_key: str = ""
+    """PEM private key, for protocol https."""
+    max_body_bytes: PositiveInt = 16 * 1024 * 1024
+    """Request bodies above this are refused with 413."""
+
+
+class Auth(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Credentials; `CLAWBOT_API_KEY` in the environment overrides `api_key`."""
+
+    api_key: str = ""
+    """Master key, accepted as `Authorization: Bearer` or `x-api-key`; empty disables auth."""
+    token_ttl: PositiveInt = 3600
+    """Lifetime of short-lived tokens, in seconds."""
+
+
+class Logging(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Log level and destination."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    """Minimum level written."""
+    path: str = ""
+    """Log file; empty logs to stderr."""
+
+
+class SamplingDefaults(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Per-model defaults applied where a request leaves a parameter unset."""
+
+    temperature: float | None = None
+    """Default sampling temperature."""
+    top_p: float | None = None
+    """Default nucleus sampling mass."""
+    max_tokens: PositiveInt | None = None
+    """Default completion length cap."""
+    presence_penalty: float | None = None
+    """Default presence penalty."""
+    frequency_penalty: float | None = None
+    """Default frequency penalty."""
+    seed: int | None = None
+    """Default RNG seed."""
+    stop: tuple[str, ...] | None = None
+    """Default stop sequences."""
+
+
+class ModelConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One public model: its id, aliases and the backend that serves it."""
+
+    id: Annotated[str, Meta(min_length=1)]
+    """Public model id, as clients send it in `model`."""
+    backend: Annotated[str, Meta(min_length=1)]
+    """Backend spec: `llamacpp:embedded`, `llamacpp:/path.gguf`, `http(s)://host/v1`, `mock:`."""
+    aliases: tuple[str, ...] = ()
+    """Other names clients may use for this model."""
+    context_length: PositiveInt | None = None
+    """Context window in tokens; in-process models default to the GGUF's training context."""
+    owned_by: str = "clawbot"
+    """The `owned_by` field of the Model object."""
+    params: SamplingDefaults = SamplingDefaults()
+    """Sampling defaults for requests that leave them unset."""
+    options: dict[str, Any] = {}
+    """Backend-specific options (validated by the backend)."""
+
+
+class Config(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The whole of clawbot.json."""
+
+    model_server: ModelServer = ModelServer()
+    """Listener settings."""
+    auth: Auth = Auth()
+    """Credentials."""
+    logging: Logging = Logging()
+    """Logging settings."""
+    models: tuple[ModelConfig, ...] = ()
+    """Served models; at least one."""
+
+    def model_names(self) -> dict[str, ModelConfig]:
+        """Every id and alias, mapped to its model."""
+        names: dict[str, ModelConfig] = {}
+        for model in self.models:
+            for name in (model.id, *model.aliases):
+                names[name] = model
+        return names
+
+
+_PATH_RE = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+
+
+def _explain(exc: msgspec.ValidationError | msgspec.DecodeError) -> str:
+    """Turn msgspec's `... - at `$.a.b`` into `a.b: ...`."""
+    text = str(exc)
+    match = _PATH_RE.search(text)
+    if not match:
+        return text
+    message = text[: match.start()]
+    path = match.group("path")
+    unknown = re.fullmatch(r"Object contains unknown field `(?P<key>[^`]+)`", message)
+    if unknown:
+        key = f"{path}.{unknown.group('key')}" if path else unknown.group("key")
+        return f"unknown key {key!r}"
+    return f"{path}: {message}" if path else message
+
+
+def parse_config(data: bytes | Mapping[str, Any], *, source: str = "clawbot.json") -> Config:
+    """Parse and validate config from JSON bytes or a decoded mapping."""
+    try:
+        if isinstance(data, bytes | bytearray):
+            config = msgspec.json.decode(data, type=Config)
+        else:
+            config = msgspec.convert(data, type=Config)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ConfigError(f"{source}: {_explain(exc)}") from exc
+    _check(config, source)
+    return config
+
+
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Read clawbot.json from `path` and apply environment overrides."""
+    environ = os.environ if environ is None else environ
+    file = Path(path)
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {file}") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {file}: {exc.strerror}") from exc
+    config = parse_config(raw, source=str(file))
+    api_key = environ.get("CLAWBOT_API_KEY")
+    if api_key:
+        config = msgspec.structs.replace(
+            config, auth=msgspec.structs.replace(config.auth, api_key=api_key)
+        )
+    return config
+
+
+def _check(config: Config, source: str) -> None:
+    """Cross-field rules that a schema cannot express."""
+    if not config.models:
+        raise ConfigError(f"{source}: models: at least one model must be configured")
+    seen: dict[str, int] = {}
+    for index, model in enumerate(config.models):
+        for name in (model.id, *model.aliases):
+            if name in seen:
+                first = seen[name]
+                raise ConfigError(
+                    f"{source}: models[{index}]: name {name!r} is already used by models[{first}]"
+                )
+            seen[name] = index
+    server = config.model_server
+    if server.protocol == "https":
+        for key in ("tls_cert", "tls_key"):
+            value = getattr(server, key)
+            if not value:
+                raise ConfigError(
+                    f"{source}: model_server.{key} is required when protocol is https"
+                )
+            if not Path(value).is_file():
+                raise ConfigError(f"{source}: model_server.{key}: file not found: {value!r}")

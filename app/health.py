@@ -1,0 +1,24 @@
+"""GET /health (liveness) and GET /ready (every model loaded)."""
+
+from __future__ import annotations
+
+from litestar import Response, get
+
+from app.errors import ServiceUnavailable
+from app.gateway import Gateway
+from app.responses import json_response
+
+
+@get("/health")
+async def health() -> Response[bytes]:
+    """The process answers."""
+    return json_response({"status": "ok"})
+
+
+@get("/ready")
+async def ready(gateway: Gateway) -> Response[bytes]:
+    """200 once every model is loaded, else 503 naming those that are not."""
+    missing = [m.config.id for m in gateway.models if not m.ready]
+    if missing:
+        raise ServiceUnavailable(f"models not loaded yet: {', '.join(missing)}", retry_after=1)
+    return json_response({"status": "ready", "models": [m.config.id for m in gateway.models]})

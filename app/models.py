@@ -1,0 +1,38 @@
+"""GET /v1/models and /v1/models/{id}."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request, Response, get
+
+from app.gateway import Gateway, ServedModel
+from app.protocol import UNSET, Model, ModelList
+from app.responses import json_response
+
+
+def model_object(served: ServedModel) -> Model:
+    """The OpenAI Model object of a served model, with its context length."""
+    context = served.config.context_length or getattr(served.backend, "context_length", None)
+    return Model(
+        id=served.config.id,
+        created=served.created,
+        owned_by=served.config.owned_by,
+        context_length=context if isinstance(context, int) else UNSET,
+    )
+
+
+@get("/v1/models")
+async def list_models(request: Request[Any, Any, Any], gateway: Gateway) -> Response[bytes]:
+    """Every served model (aliases are accepted in requests but not listed)."""
+    await gateway.admit(request)
+    return json_response(ModelList(data=[model_object(m) for m in gateway.models]))
+
+
+@get("/v1/models/{model_id:path}")
+async def retrieve_model(
+    request: Request[Any, Any, Any], gateway: Gateway, model_id: str
+) -> Response[bytes]:
+    """One model by id or alias."""
+    _, served = await gateway.admit_model(request, model_id.lstrip("/"))
+    return json_response(model_object(served))

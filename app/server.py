@@ -1,0 +1,58 @@
+"""The ASGI application: Litestar routes behind the `Edge` wrapper."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.di import Provide
+
+from app import chat, completions, embeddings, health, models
+from app.edge import Edge
+from app.gateway import Gateway
+from app.wire_errors import error_response
+
+
+def _gateway(state: State) -> Gateway:
+    gateway: Gateway = state.gateway
+    return gateway
+
+
+def build_litestar(gateway: Gateway, on_ready: Callable[[], None] | None = None) -> Litestar:
+    """The Litestar app serving `gateway`; starting it loads the models, then calls `on_ready`."""
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        try:
+            await gateway.start()
+            if on_ready is not None:
+                on_ready()
+            yield
+        finally:
+            await gateway.aclose()
+
+    return Litestar(
+        route_handlers=[
+            chat.chat_completions,
+            completions.completions,
+            embeddings.embeddings,
+            models.list_models,
+            models.retrieve_model,
+            health.health,
+            health.ready,
+        ],
+        dependencies={"gateway": Provide(_gateway, sync_to_thread=False)},
+        exception_handlers={Exception: error_response},
+        lifespan=[lifespan],
+        state=State({"gateway": gateway}),
+        request_max_body_size=gateway.config.model_server.max_body_bytes,
+        openapi_config=None,
+        debug=False,
+    )
+
+
+def create_app(gateway: Gateway, on_ready: Callable[[], None] | None = None) -> Edge:
+    """The full ASGI app for `gateway`."""
+    return Edge(build_litestar(gateway, on_ready))

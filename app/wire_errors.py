@@ -1,0 +1,89 @@
+"""The one place where exceptions become OpenAI error JSON: responses and stream events."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+
+from app.edge import request_id_of
+from app.errors import GatewayError
+from app.protocol import ErrorBody, ErrorResponse
+
+log = logging.getLogger("clawbot.errors")
+
+_HTTP_CODES = {
+    400: ("invalid_request_error", "bad_request"),
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("permission_error", "permission_denied"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+    415: ("invalid_request_error", "unsupported_media_type"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class WireError:
+    """An exception, translated: status, body and extra headers."""
+
+    status: int
+    body: ErrorResponse
+    headers: dict[str, str]
+
+
+def translate(exc: BaseException) -> WireError:
+    """Map any exception to its wire form; unknown ones are logged and become a 500."""
+    headers: dict[str, str] = {}
+    if isinstance(exc, GatewayError):
+        if exc.retry_after is not None:
+            headers["retry-after"] = str(max(1, math.ceil(exc.retry_after)))
+        body = ErrorBody(message=exc.message, type=exc.error_type, param=exc.param, code=exc.code)
+        return WireError(exc.status_code, ErrorResponse(error=body), headers)
+    if isinstance(exc, HTTPException):
+        status = exc.status_code
+        err_type, code = _HTTP_CODES.get(
+            status, ("api_error" if status >= 500 else "invalid_request_error", None)
+        )
+        message = exc.detail or "request failed"
+        if isinstance(exc, ValidationException) and exc.extra:
+            message = f"{message}: {exc.extra}"
+        if status == 413:
+            message = (
+                "request body is larger than the configured limit (model_server.max_body_bytes)"
+            )
+        if exc.headers:
+            headers.update(exc.headers)
+        body = ErrorBody(message=message, type=err_type, param=None, code=code)
+        return WireError(status, ErrorResponse(error=body), headers)
+    log.error("unhandled error", exc_info=exc)
+    body = ErrorBody(
+        message="internal server error; the request id identifies it in the gateway's log",
+        type="internal_error",
+        param=None,
+        code="internal_error",
+    )
+    return WireError(500, ErrorResponse(error=body), headers)
+
+
+def encode_error_event(exc: BaseException) -> bytes:
+    """The JSON of an error, for an SSE `data:` event after the first byte was sent."""
+    return msgspec.json.encode(translate(exc).body)
+
+
+def error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    """Litestar exception handler for every exception type."""
+    wire = translate(exc)
+    wire.headers["x-request-id"] = request_id_of(request.scope)
+    return Response(
+        content=msgspec.json.encode(wire.body),
+        status_code=wire.status,
+        media_type="application/json",
+        headers=wire.headers,
+    )

@@ -1,0 +1,1 @@
+"""Model backends: in-process llama.cpp, remote OpenAI-compatible HTTP, and a mock."""

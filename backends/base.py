@@ -1,0 +1,126 @@
+"""The backend protocol, and the registry that builds backends from URL-ish specs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Protocol, runtime_checkable
+
+from app.config import ConfigError, ModelConfig
+from app.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    EmbeddingList,
+    EmbeddingRequest,
+    StreamItem,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a backend can do; the gateway answers 400 for what it cannot."""
+
+    chat: bool = True
+    completions: bool = True
+    embeddings: bool = False
+    max_n: int = 1
+    """Largest `n` the backend serves (choices per request)."""
+    tools: bool = False
+    """Accepts `tools` / `tool_choice`."""
+    vision: bool = False
+    """Accepts image content parts."""
+    token_inputs: bool = False
+    """Accepts token-id arrays as embedding input as they are (else they are decoded as cl100k)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSpec:
+    """Everything a backend factory gets: the model's config, the spec's target, the timeout."""
+
+    model: ModelConfig
+    scheme: str
+    target: str
+    """The spec after `scheme:` (a path for llamacpp), or the whole URL for http(s)."""
+    timeout_s: float
+    """Default total time for one call."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A model server: in-process engine, remote HTTP server, or mock."""
+
+    capabilities: Capabilities
+
+    async def start(self) -> None:
+        """Load weights or open connections; called once before serving."""
+
+    async def chat(self, req: ChatCompletionRequest) -> ChatCompletion:
+        """Answer a chat completion."""
+
+    def stream_chat(self, req: ChatCompletionRequest) -> AsyncIterator[StreamItem]:
+        """Stream a chat completion as chunks."""
+
+    async def complete(self, req: CompletionRequest) -> Completion:
+        """Answer a text completion."""
+
+    def stream_complete(self, req: CompletionRequest) -> AsyncIterator[StreamItem]:
+        """Stream a text completion."""
+
+    async def embed(self, req: EmbeddingRequest) -> EmbeddingList:
+        """Embed the request's inputs."""
+
+    async def health(self) -> bool:
+        """Whether the backend can serve now (loaded, reachable)."""
+
+    async def aclose(self) -> None:
+        """Release weights, threads and connections."""
+
+
+BackendFactory = Callable[[BackendSpec], Backend]
+
+
+def _builtin_factories() -> dict[str, BackendFactory]:
+    from backends.llamacpp import LlamaCppBackend
+    from backends.mock import MockBackend
+    from backends.openai_http import OpenAIHTTPBackend
+
+    return {
+        "llamacpp": LlamaCppBackend,
+        "mock": MockBackend,
+        "http": OpenAIHTTPBackend,
+        "https": OpenAIHTTPBackend,
+    }
+
+
+def backend_factories() -> dict[str, BackendFactory]:
+    """Built-in backends plus those registered under the `clawbot.backends` entry points."""
+    factories = _builtin_factories()
+    for ep in entry_points(group="clawbot.backends"):
+        factories.setdefault(ep.name, ep.load())
+    return factories
+
+
+def build_backend(
+    model: ModelConfig,
+    *,
+    timeout_s: float,
+    index: int = 0,
+    factories: dict[str, BackendFactory] | None = None,
+) -> Backend:
+    """Build the backend for `model` from its spec; a bad spec is a ConfigError."""
+    factories = backend_factories() if factories is None else factories
+    scheme, sep, rest = model.backend.partition(":")
+    if not sep or scheme not in factories:
+        known = ", ".join(sorted(factories))
+        raise ConfigError(
+            f"models[{index}].backend: unknown backend {model.backend!r} "
+            f"(expected one of the schemes: {known}; e.g. 'llamacpp:embedded')"
+        )
+    target = model.backend if scheme in ("http", "https") else rest
+    try:
+        return factories[scheme](BackendSpec(model, scheme, target, timeout_s))
+    except ConfigError as exc:
+        raise ConfigError(f"models[{index}] ({model.id}): {exc}") from exc

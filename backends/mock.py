@@ -1,0 +1,317 @@
+"""A deterministic backend for tests and benchmarks (spec `mock:`).
+
+Replies are a fixed text or an echo of the last user message, split into word "tokens";
+embeddings are unit vectors derived from a hash of the input. Options:
+`reply`, `token_delay_ms`, `dimensions`, `fail_after_tokens` (raise mid-stream), `healthy`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import math
+import re
+import struct
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+from app.errors import UpstreamError
+from app.protocol import (
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChoiceLogprobs,
+    ChunkChoice,
+    ChunkDelta,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    Embedding,
+    EmbeddingList,
+    EmbeddingRequest,
+    EmbeddingUsage,
+    ResponseMessage,
+    StreamItem,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from backends.base import BackendSpec, Capabilities
+from backends.common import first_stop, new_id, now, read_options, stop_list
+
+_WORD = re.compile(r"\S+\s*|\s+")
+_LOGPROB = -0.25
+
+
+class MockOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Options of the mock backend."""
+
+    reply: str | None = None
+    """Fixed reply text; unset echoes the last user message."""
+    token_delay_ms: Annotated[float, Meta(ge=0)] = 0.0
+    """Delay before each streamed or generated token."""
+    dimensions: Annotated[int, Meta(ge=1, le=4096)] = 16
+    """Embedding size."""
+    fail_after_tokens: int | None = None
+    """Raise an upstream error after this many tokens (tests mid-stream failures)."""
+    healthy: bool = True
+    """What `health()` reports."""
+
+
+def tokens_of(text: str) -> list[str]:
+    """Split text into word tokens that concatenate back to it."""
+    return _WORD.findall(text)
+
+
+class _Generation(msgspec.Struct):
+    tokens: list[str]
+    finish_reason: str
+    prompt_tokens: int
+
+
+class MockBackend:
+    """Deterministic fake model."""
+
+    capabilities = Capabilities(chat=True, completions=True, embeddings=True, max_n=1)
+
+    def __init__(self, spec: BackendSpec) -> None:
+        self.options = read_options(spec, MockOptions)
+        self.name = spec.model.id
+
+    async def start(self) -> None:
+        """Nothing to load."""
+
+    async def health(self) -> bool:
+        """The configured health."""
+        return self.options.healthy
+
+    async def aclose(self) -> None:
+        """Nothing to release."""
+
+    def _generate(self, prompt: str, max_tokens: int | None, stop: list[str]) -> _Generation:
+        text = self.options.reply if self.options.reply is not None else f"You said: {prompt}"
+        finish = "stop"
+        cut = first_stop(text, stop)
+        if cut >= 0:
+            text = text[:cut]
+        tokens = tokens_of(text)
+        if max_tokens is not None and len(tokens) > max_tokens:
+            tokens, finish = tokens[:max_tokens], "length"
+        return _Generation(tokens, finish, len(tokens_of(prompt)))
+
+    async def _tick(self, produced: int) -> None:
+        if (
+            self.options.fail_after_tokens is not None
+            and produced >= self.options.fail_after_tokens
+        ):
+            raise UpstreamError("mock backend failed mid-generation")
+        if self.options.token_delay_ms:
+            await asyncio.sleep(self.options.token_delay_ms / 1000)
+
+    @staticmethod
+    def _chat_prompt(req: ChatCompletionRequest) -> str:
+        users = [m for m in req.messages if m.role == "user"]
+        return users[-1].text() if users else req.messages[-1].text()
+
+    def _chat_logprobs(self, tokens: list[str], top: int) -> ChoiceLogprobs:
+        return ChoiceLogprobs(
+            content=[
+                TokenLogprob(
+                    token=t,
+                    logprob=_LOGPROB,
+                    bytes=list(t.encode()),
+                    top_logprobs=[TopLogprob(token=t, logprob=_LOGPROB, bytes=list(t.encode()))][
+                        :top
+                    ],
+                )
+                for t in tokens
+            ],
+            refusal=None,
+        )
+
+    async def chat(self, req: ChatCompletionRequest) -> ChatCompletion:
+        """A reply to the last user message."""
+        gen = self._generate(self._chat_prompt(req), req.max_tokens, stop_list(req.stop))
+        for produced in range(len(gen.tokens)):
+            await self._tick(produced)
+        return ChatCompletion(
+            id=new_id("chatcmpl"),
+            created=now(),
+            model=req.model,
+            choices=[
+                ChatChoice(
+                    index=0,
+                    message=ResponseMessage(content="".join(gen.tokens)),
+                    logprobs=(
+                        self._chat_logprobs(gen.tokens, req.top_logprobs or 0)
+                        if req.logprobs
+                        else None
+                    ),
+                    finish_reason=gen.finish_reason,  # type: ignore[arg-type]
+                )
+            ],
+            usage=Usage(
+                prompt_tokens=gen.prompt_tokens,
+                completion_tokens=len(gen.tokens),
+                total_tokens=gen.prompt_tokens + len(gen.tokens),
+            ),
+        )
+
+    async def stream_chat(self, req: ChatCompletionRequest) -> AsyncIterator[StreamItem]:
+        """The same reply, a word per chunk."""
+        gen = self._generate(self._chat_prompt(req), req.max_tokens, stop_list(req.stop))
+        cid, created = new_id("chatcmpl"), now()
+
+        def chunk(
+            delta: ChunkDelta, finish: str | None = None, lp: ChoiceLogprobs | None = None
+        ) -> ChatCompletionChunk:
+            return ChatCompletionChunk(
+                id=cid,
+                created=created,
+                model=req.model,
+                choices=[ChunkChoice(index=0, delta=delta, logprobs=lp, finish_reason=finish)],  # type: ignore[arg-type]
+            )
+
+        yield chunk(ChunkDelta(role="assistant", content=""))
+        for produced, token in enumerate(gen.tokens):
+            await self._tick(produced)
+            lp = self._chat_logprobs([token], req.top_logprobs or 0) if req.logprobs else None
+            yield chunk(ChunkDelta(content=token), lp=lp)
+        yield chunk(ChunkDelta(), gen.finish_reason)
+        if req.stream_options and req.stream_options.include_usage:
+            yield ChatCompletionChunk(
+                id=cid,
+                created=created,
+                model=req.model,
+                choices=[],
+                usage=Usage(
+                    prompt_tokens=gen.prompt_tokens,
+                    completion_tokens=len(gen.tokens),
+                    total_tokens=gen.prompt_tokens + len(gen.tokens),
+                ),
+            )
+
+    @staticmethod
+    def _completion_logprobs(tokens: list[str], top: int, offset: int) -> CompletionLogprobs:
+        offsets, pos = [], offset
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        return CompletionLogprobs(
+            text_offset=offsets,
+            token_logprobs=[_LOGPROB] * len(tokens),
+            tokens=tokens,
+            top_logprobs=[{t: _LOGPROB} if top else None for t in tokens],
+        )
+
+    async def complete(self, req: CompletionRequest) -> Completion:
+        """Completions of each prompt (a list of prompts gives one choice each)."""
+        prompts = [req.prompt] if isinstance(req.prompt, str) else [str(p) for p in req.prompt]
+        choices, prompt_tokens, completion_tokens = [], 0, 0
+        for index, prompt in enumerate(prompts):
+            gen = self._generate(prompt, req.max_tokens, stop_list(req.stop))
+            for produced in range(len(gen.tokens)):
+                await self._tick(produced)
+            prefix = prompt if req.echo else ""
+            choices.append(
+                CompletionChoice(
+                    text=prefix + "".join(gen.tokens),
+                    index=index,
+                    logprobs=(
+                        self._completion_logprobs(gen.tokens, req.logprobs, len(prefix))
+                        if req.logprobs is not None
+                        else None
+                    ),
+                    finish_reason=gen.finish_reason,  # type: ignore[arg-type]
+                )
+            )
+            prompt_tokens += gen.prompt_tokens
+            completion_tokens += len(gen.tokens)
+        return Completion(
+            id=new_id("cmpl"),
+            created=now(),
+            model=req.model,
+            choices=choices,
+            usage=Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                total_tokens=prompt_tokens + completion_tokens,
+            ),
+        )
+
+    async def stream_complete(self, req: CompletionRequest) -> AsyncIterator[StreamItem]:
+        """A streamed completion of a single prompt."""
+        prompt = req.prompt if isinstance(req.prompt, str) else str(req.prompt[0])
+        gen = self._generate(prompt, req.max_tokens, stop_list(req.stop))
+        cid, created = new_id("cmpl"), now()
+
+        def event(
+            text: str, finish: str | None, lp: CompletionLogprobs | None = None
+        ) -> Completion:
+            return Completion(
+                id=cid,
+                created=created,
+                model=req.model,
+                choices=[CompletionChoice(text=text, index=0, logprobs=lp, finish_reason=finish)],  # type: ignore[arg-type]
+            )
+
+        if req.echo:
+            yield event(prompt, None)
+        for produced, token in enumerate(gen.tokens):
+            await self._tick(produced)
+            lp = (
+                self._completion_logprobs([token], req.logprobs, 0)
+                if req.logprobs is not None
+                else None
+            )
+            yield event(token, None, lp)
+        yield event("", gen.finish_reason)
+        if req.stream_options and req.stream_options.include_usage:
+            yield Completion(
+                id=cid,
+                created=created,
+                model=req.model,
+                choices=[],
+                usage=Usage(
+                    prompt_tokens=gen.prompt_tokens,
+                    completion_tokens=len(gen.tokens),
+                    total_tokens=gen.prompt_tokens + len(gen.tokens),
+                ),
+            )
+
+    def _vector(self, text: str) -> list[float]:
+        dims = self.options.dimensions
+        digest = b""
+        counter = 0
+        while len(digest) < dims * 4:
+            digest += hashlib.sha256(f"{counter}:{text}".encode()).digest()
+            counter += 1
+        raw = struct.unpack(f"<{dims}I", digest[: dims * 4])
+        values = [v / 2**32 - 0.5 for v in raw]
+        norm = math.sqrt(sum(v * v for v in values)) or 1.0
+        return [v / norm for v in values]
+
+    async def embed(self, req: EmbeddingRequest) -> EmbeddingList:
+        """Hash-derived unit vectors, one per input, in input order."""
+        texts = [req.input] if isinstance(req.input, str) else [str(t) for t in req.input]
+        data = []
+        for index, text in enumerate(texts):
+            vector = self._vector(text)
+            if req.dimensions is not None:
+                vector = vector[: req.dimensions]
+            embedding: list[float] | str = vector
+            if req.encoding_format == "base64":
+                embedding = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append(Embedding(embedding=embedding, index=index))
+        tokens = sum(len(tokens_of(t)) for t in texts)
+        return EmbeddingList(
+            data=data,
+            model=req.model,
+            usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
+        )

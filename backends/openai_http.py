@@ -1,0 +1,241 @@
+"""Any OpenAI-compatible server over HTTP (spec `http(s)://host:port/v1`).
+
+One pooled `httpx.AsyncClient` per backend. Streams pass through chunk by chunk: when the
+upstream's model name equals the public id, chunk JSON is forwarded without re-encoding.
+Options: `upstream_model`, `api_key`, `api_key_env`, `headers`, `connect_timeout_s`,
+`max_connections`, `verify` (false, or a CA bundle path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from typing import Annotated, TypeVar
+
+import httpx
+import msgspec
+from msgspec import Meta, Raw
+
+from app.config import ConfigError
+from app.errors import (
+    UpstreamError,
+    UpstreamStatusError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from app.protocol import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    EmbeddingList,
+    EmbeddingRequest,
+    StreamItem,
+)
+from backends.base import BackendSpec, Capabilities
+from backends.common import read_options
+
+T = TypeVar("T", ChatCompletion, Completion, EmbeddingList, ChatCompletionChunk)
+
+
+class HTTPOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Options of the OpenAI-compatible HTTP backend."""
+
+    upstream_model: str | None = None
+    """Model name sent upstream; defaults to the public id."""
+    api_key: str | None = None
+    """Bearer key for the upstream."""
+    api_key_env: str | None = None
+    """Environment variable holding the upstream key (preferred over `api_key`)."""
+    headers: dict[str, str] = {}
+    """Extra headers sent upstream."""
+    connect_timeout_s: Annotated[float, Meta(gt=0)] = 5.0
+    """Time to establish a connection."""
+    max_connections: Annotated[int, Meta(ge=1)] = 256
+    """Pool size."""
+    verify: bool | str = True
+    """TLS verification: false, true, or a CA bundle path."""
+
+
+class _UpstreamErrorBody(msgspec.Struct):
+    message: str = ""
+    type: str | None = None
+    param: str | None = None
+    code: str | int | None = None
+
+
+class _UpstreamError(msgspec.Struct):
+    error: _UpstreamErrorBody | str
+
+
+_decode_error = msgspec.json.Decoder(_UpstreamError).decode
+
+
+@contextmanager
+def map_httpx_errors(url: str) -> Iterator[None]:
+    """Translate httpx failures into gateway errors."""
+    try:
+        yield
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        raise UpstreamUnavailable(
+            f"cannot connect to upstream {url}: {exc or type(exc).__name__}", retry_after=1
+        ) from exc
+    except httpx.TimeoutException as exc:
+        raise UpstreamTimeout(f"upstream {url} timed out ({type(exc).__name__})") from exc
+    except TimeoutError as exc:
+        raise UpstreamTimeout(f"upstream {url} did not answer within the timeout") from exc
+    except (httpx.TransportError, httpx.DecodingError) as exc:
+        raise UpstreamError(f"upstream {url} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def status_error(status: int, body: bytes, headers: httpx.Headers) -> UpstreamStatusError:
+    """The gateway error for an upstream error response, keeping its OpenAI fields."""
+    retry = headers.get("retry-after")
+    retry_after = float(retry) if retry and retry.replace(".", "", 1).isdigit() else None
+    try:
+        parsed = _decode_error(body).error
+    except msgspec.MsgspecError:
+        parsed = body.decode(errors="replace")[:500] or f"HTTP {status}"
+    if isinstance(parsed, str):
+        return UpstreamStatusError(
+            f"upstream error: {parsed}", upstream_status=status, retry_after=retry_after
+        )
+    return UpstreamStatusError(
+        parsed.message or f"upstream returned HTTP {status}",
+        upstream_status=status,
+        upstream_type=parsed.type,
+        param=parsed.param,
+        code=None if parsed.code is None else str(parsed.code),
+        retry_after=retry_after,
+    )
+
+
+class OpenAIHTTPBackend:
+    """Forwards requests to an OpenAI-compatible server."""
+
+    capabilities = Capabilities(
+        chat=True,
+        completions=True,
+        embeddings=True,
+        max_n=128,
+        tools=True,
+        vision=True,
+        token_inputs=True,
+    )
+
+    def __init__(self, spec: BackendSpec) -> None:
+        options = read_options(spec, HTTPOptions)
+        url = httpx.URL(spec.target)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ConfigError(f"backend: {spec.target!r} is not an http(s) URL")
+        self.base_url = spec.target.rstrip("/")
+        self.public_model = spec.model.id
+        self.upstream_model = options.upstream_model or spec.model.id
+        self.timeout_s = spec.timeout_s
+        api_key = os.environ.get(options.api_key_env, "") if options.api_key_env else ""
+        api_key = api_key or options.api_key or ""
+        headers = {"content-type": "application/json", **options.headers}
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(spec.timeout_s, connect=options.connect_timeout_s),
+            limits=httpx.Limits(
+                max_connections=options.max_connections,
+                max_keepalive_connections=options.max_connections,
+            ),
+            verify=options.verify,
+        )
+        self._passthrough = self.upstream_model == self.public_model
+
+    async def start(self) -> None:
+        """Nothing to load; connections open on first use."""
+
+    async def health(self) -> bool:
+        """Whether the upstream lists its models."""
+        try:
+            response = await self._client.get("/models", timeout=5.0)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._client.aclose()
+
+    def _body(self, req: msgspec.Struct) -> bytes:
+        return msgspec.json.encode(msgspec.structs.replace(req, model=self.upstream_model))
+
+    async def _post(self, path: str, req: msgspec.Struct, type_: type[T]) -> T:
+        with map_httpx_errors(self.base_url):
+            async with asyncio.timeout(self.timeout_s):
+                response = await self._client.post(path, content=self._body(req))
+        if response.status_code >= 400:
+            raise status_error(response.status_code, response.content, response.headers)
+        try:
+            result = msgspec.json.decode(response.content, type=type_)
+        except msgspec.MsgspecError as exc:
+            raise UpstreamError(
+                f"upstream {self.base_url}{path} returned an invalid response: {exc}"
+            ) from exc
+        result.model = self.public_model
+        return result
+
+    async def _stream(
+        self, path: str, req: msgspec.Struct, chunk_type: type[T]
+    ) -> AsyncIterator[StreamItem]:
+        request = self._client.build_request("POST", path, content=self._body(req))
+        with map_httpx_errors(self.base_url):
+            response = await self._client.send(request, stream=True)
+        try:
+            if response.status_code >= 400:
+                with map_httpx_errors(self.base_url):
+                    body = await response.aread()
+                raise status_error(response.status_code, body, response.headers)
+            with map_httpx_errors(self.base_url):
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == "[DONE]":
+                        break
+                    if payload.startswith('{"error"'):
+                        raise status_error(502, payload.encode(), response.headers)
+                    yield self._chunk(payload, chunk_type)
+        finally:
+            await response.aclose()
+
+    def _chunk(self, payload: str, chunk_type: type[T]) -> StreamItem:
+        data = payload.encode()
+        if self._passthrough:
+            return Raw(data)
+        try:
+            chunk = msgspec.json.decode(data, type=chunk_type)
+        except msgspec.MsgspecError as exc:
+            raise UpstreamError(f"upstream {self.base_url} sent an invalid chunk: {exc}") from exc
+        chunk.model = self.public_model
+        return chunk  # type: ignore[return-value]
+
+    async def chat(self, req: ChatCompletionRequest) -> ChatCompletion:
+        """POST /chat/completions upstream."""
+        return await self._post("/chat/completions", req, ChatCompletion)
+
+    def stream_chat(self, req: ChatCompletionRequest) -> AsyncIterator[StreamItem]:
+        """Streamed POST /chat/completions upstream."""
+        return self._stream("/chat/completions", req, ChatCompletionChunk)
+
+    async def complete(self, req: CompletionRequest) -> Completion:
+        """POST /completions upstream."""
+        return await self._post("/completions", req, Completion)
+
+    def stream_complete(self, req: CompletionRequest) -> AsyncIterator[StreamItem]:
+        """Streamed POST /completions upstream."""
+        return self._stream("/completions", req, Completion)
+
+    async def embed(self, req: EmbeddingRequest) -> EmbeddingList:
+        """POST /embeddings upstream."""
+        return await self._post("/embeddings", req, EmbeddingList)

@@ -1,0 +1,1 @@
+"""Request policies: each a class with `async check(ctx)` that passes or raises."""
