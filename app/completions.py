@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Request, Response, post
+from litestar.di import NamedDependency
 from litestar.response import Stream
 
 from app.bodies import decode_body
@@ -17,7 +18,7 @@ from app.responses import json_response, sse_response
 
 @post("/v1/completions", status_code=200)
 async def completions(
-    request: Request[Any, Any, Any], gateway: Gateway
+    request: Request[Any, Any, Any], gateway: NamedDependency[Gateway]
 ) -> Response[bytes] | Stream:
     """Text completion, streamed as SSE when `stream` is true."""
     req = decode_body(await request.body(), CompletionRequest)

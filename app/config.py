@@ -124,10 +124,8 @@ def _explain(exc: msgspec.ValidationError | msgspec.DecodeError) -> str:
     """Turn msgspec's `... - at `$.a.b`` into `a.b: ...`."""
     text = str(exc)
     match = _PATH_RE.search(text)
-    if not match:
-        return text
-    message = text[: match.start()]
-    path = match.group("path")
+    message = text[: match.start()] if match else text
+    path = match.group("path") if match else ""
     unknown = re.fullmatch(r"Object contains unknown field `(?P<key>[^`]+)`", message)
     if unknown:
         key = f"{path}.{unknown.group('key')}" if path else unknown.group("key")

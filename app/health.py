@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from litestar import Response, get
+from litestar.di import NamedDependency
 
 from app.errors import ServiceUnavailable
 from app.gateway import Gateway
@@ -16,7 +17,7 @@ async def health() -> Response[bytes]:
 
 
 @get("/ready")
-async def ready(gateway: Gateway) -> Response[bytes]:
+async def ready(gateway: NamedDependency[Gateway]) -> Response[bytes]:
     """200 once every model is loaded, else 503 naming those that are not."""
     missing = [m.config.id for m in gateway.models if not m.ready]
     if missing:

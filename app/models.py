@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Request, Response, get
+from litestar.di import NamedDependency
+from litestar.params import FromPath
 
 from app.gateway import Gateway, ServedModel
 from app.protocol import UNSET, Model, ModelList
@@ -23,7 +25,9 @@ def model_object(served: ServedModel) -> Model:
 
 
 @get("/v1/models")
-async def list_models(request: Request[Any, Any, Any], gateway: Gateway) -> Response[bytes]:
+async def list_models(
+    request: Request[Any, Any, Any], gateway: NamedDependency[Gateway]
+) -> Response[bytes]:
     """Every served model (aliases are accepted in requests but not listed)."""
     await gateway.admit(request)
     return json_response(ModelList(data=[model_object(m) for m in gateway.models]))
@@ -31,7 +35,7 @@ async def list_models(request: Request[Any, Any, Any], gateway: Gateway) -> Resp
 
 @get("/v1/models/{model_id:path}")
 async def retrieve_model(
-    request: Request[Any, Any, Any], gateway: Gateway, model_id: str
+    request: Request[Any, Any, Any], gateway: NamedDependency[Gateway], model_id: FromPath[str]
 ) -> Response[bytes]:
     """One model by id or alias."""
     _, served = await gateway.admit_model(request, model_id.lstrip("/"))

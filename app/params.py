@@ -139,6 +139,10 @@ def prepare_embedding(
     inputs: list[Any] = [value] if isinstance(value, str) or _is_token_list(value) else value
     if not inputs:
         raise InvalidRequest("input must not be empty", param="input")
+    if len({isinstance(item, str) for item in inputs}) > 1:
+        raise InvalidRequest(
+            "input must be all strings or all token-id lists, not a mix", param="input"
+        )
     texts: list[Any] = []
     for i, item in enumerate(inputs):
         if isinstance(item, str):

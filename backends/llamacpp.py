@@ -16,8 +16,9 @@ import base64
 import logging
 import struct
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
@@ -294,12 +295,22 @@ class LlamaCppBackend:
             )
         if max_tokens is not None and len(tokens) + max_tokens > n_ctx:
             max_tokens = n_ctx - len(tokens)
+        if params.get("seed") is not None:
+            # Reusing a cached prefix evaluates the last prompt token alone, which changes the
+            # logits in the last bits; a seeded request must replay exactly, so start clean.
+            llm.reset()
         yield _Start(len(tokens))
+        if echo:
+            shown = (
+                prompt
+                if isinstance(prompt, str)
+                else llm.detokenize(tokens).decode("utf-8", "replace")
+            )
+            yield _Piece(shown, None, None)
         stream = llm.create_completion(
             prompt=tokens,
             max_tokens=max_tokens if max_tokens is not None else -1,
             logprobs=logprobs,
-            echo=echo,
             stream=True,
             stop=extra_stop,
             stopping_criteria=llama_cpp.StoppingCriteriaList([job.stop_check]),
@@ -319,7 +330,7 @@ class LlamaCppBackend:
 
     # ---- event-loop side
 
-    async def _run(self, work: Callable[[_Job], Iterator[_Event]]) -> AsyncIterator[_Event]:
+    async def _run(self, work: Callable[[_Job], Iterator[_Event]]) -> AsyncGenerator[_Event]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[_Event | BaseException | None] = asyncio.Queue()
         job = _Job()
@@ -414,19 +425,20 @@ class LlamaCppBackend:
         text: list[str] = []
         lp_raw: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": []}
         finish, usage = "stop", Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
-        async for event in self._run(self._chat_work(req)):
-            if isinstance(event, _Piece):
-                text.append(event.text)
-                finish = event.finish_reason or finish
-                if event.logprobs:
-                    for key in lp_raw:
-                        lp_raw[key].extend(event.logprobs[key])
-            elif isinstance(event, _End):
-                usage = Usage(
-                    prompt_tokens=event.prompt_tokens,
-                    completion_tokens=event.completion_tokens,
-                    total_tokens=event.prompt_tokens + event.completion_tokens,
-                )
+        async with aclosing(self._run(self._chat_work(req))) as events:
+            async for event in events:
+                if isinstance(event, _Piece):
+                    text.append(event.text)
+                    finish = event.finish_reason or finish
+                    if event.logprobs:
+                        for key in lp_raw:
+                            lp_raw[key].extend(event.logprobs[key])
+                elif isinstance(event, _End):
+                    usage = Usage(
+                        prompt_tokens=event.prompt_tokens,
+                        completion_tokens=event.completion_tokens,
+                        total_tokens=event.prompt_tokens + event.completion_tokens,
+                    )
         return ChatCompletion(
             id=new_id("chatcmpl"),
             created=now(),
@@ -461,31 +473,41 @@ class LlamaCppBackend:
                 usage=usage_field,
             )
 
-        async for event in self._run(self._chat_work(req)):
-            if isinstance(event, _Start):
-                yield chunk(ChunkDelta(role="assistant", content=""))
-            elif isinstance(event, _Piece):
-                lp = _chat_logprobs(event.logprobs, req.top_logprobs or 0) if req.logprobs else None
-                if event.text or lp:
-                    yield chunk(ChunkDelta(content=event.text), lp=lp)
-                if event.finish_reason:
-                    yield chunk(ChunkDelta(), event.finish_reason)
-            elif include_usage:
-                yield ChatCompletionChunk(
-                    id=cid,
-                    created=created,
-                    model=self.model_id,
-                    choices=[],
-                    usage=Usage(
-                        prompt_tokens=event.prompt_tokens,
-                        completion_tokens=event.completion_tokens,
-                        total_tokens=event.prompt_tokens + event.completion_tokens,
-                    ),
-                )
+        async with aclosing(self._run(self._chat_work(req))) as events:
+            async for event in events:
+                if isinstance(event, _Start):
+                    yield chunk(ChunkDelta(role="assistant", content=""))
+                elif isinstance(event, _Piece):
+                    lp = (
+                        _chat_logprobs(event.logprobs, req.top_logprobs or 0)
+                        if req.logprobs
+                        else None
+                    )
+                    if event.text or lp:
+                        yield chunk(ChunkDelta(content=event.text), lp=lp)
+                    if event.finish_reason:
+                        yield chunk(ChunkDelta(), event.finish_reason)
+                elif include_usage:
+                    yield ChatCompletionChunk(
+                        id=cid,
+                        created=created,
+                        model=self.model_id,
+                        choices=[],
+                        usage=Usage(
+                            prompt_tokens=event.prompt_tokens,
+                            completion_tokens=event.completion_tokens,
+                            total_tokens=event.prompt_tokens + event.completion_tokens,
+                        ),
+                    )
 
     def _completion_work(
         self, req: CompletionRequest, prompt: str | list[int]
     ) -> Callable[[_Job], Iterator[_Event]]:
+        if req.echo and req.logprobs is not None:
+            raise UnsupportedParameter(
+                "echo with logprobs (prompt log probabilities) is not supported by this model",
+                param="echo",
+            )
         if req.suffix is not None:
             raise UnsupportedParameter(
                 "suffix (fill-in-the-middle) is not supported by this model", param="suffix"
@@ -527,16 +549,17 @@ class LlamaCppBackend:
                 "top_logprobs": [],
             }
             finish = "stop"
-            async for event in self._run(self._completion_work(req, prompt)):
-                if isinstance(event, _Piece):
-                    text.append(event.text)
-                    finish = event.finish_reason or finish
-                    if event.logprobs:
-                        for key in raw:
-                            raw[key].extend(event.logprobs[key])
-                elif isinstance(event, _End):
-                    prompt_tokens += event.prompt_tokens
-                    completion_tokens += event.completion_tokens
+            async with aclosing(self._run(self._completion_work(req, prompt))) as events:
+                async for event in events:
+                    if isinstance(event, _Piece):
+                        text.append(event.text)
+                        finish = event.finish_reason or finish
+                        if event.logprobs:
+                            for key in raw:
+                                raw[key].extend(event.logprobs[key])
+                    elif isinstance(event, _End):
+                        prompt_tokens += event.prompt_tokens
+                        completion_tokens += event.completion_tokens
             choices.append(
                 CompletionChoice(
                     text="".join(text),
@@ -573,24 +596,25 @@ class LlamaCppBackend:
                 usage=None if include_usage else msgspec.UNSET,
             )
 
-        async for item in self._run(self._completion_work(req, self._prompts(req)[0])):
-            if isinstance(item, _Piece):
-                if item.text or item.logprobs:
-                    yield event(item.text, None, _completion_logprobs(item.logprobs))
-                if item.finish_reason:
-                    yield event("", item.finish_reason)
-            elif isinstance(item, _End) and include_usage:
-                yield Completion(
-                    id=cid,
-                    created=created,
-                    model=self.model_id,
-                    choices=[],
-                    usage=Usage(
-                        prompt_tokens=item.prompt_tokens,
-                        completion_tokens=item.completion_tokens,
-                        total_tokens=item.prompt_tokens + item.completion_tokens,
-                    ),
-                )
+        async with aclosing(self._run(self._completion_work(req, self._prompts(req)[0]))) as items:
+            async for item in items:
+                if isinstance(item, _Piece):
+                    if item.text or item.logprobs:
+                        yield event(item.text, None, _completion_logprobs(item.logprobs))
+                    if item.finish_reason:
+                        yield event("", item.finish_reason)
+                elif isinstance(item, _End) and include_usage:
+                    yield Completion(
+                        id=cid,
+                        created=created,
+                        model=self.model_id,
+                        choices=[],
+                        usage=Usage(
+                            prompt_tokens=item.prompt_tokens,
+                            completion_tokens=item.completion_tokens,
+                            total_tokens=item.prompt_tokens + item.completion_tokens,
+                        ),
+                    )
 
     def _embed_work(self, texts: list[str]) -> tuple[list[list[float]], int]:
         llm = self._load("embed")

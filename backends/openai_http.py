@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import httpx
 import msgspec
@@ -74,6 +75,23 @@ class _UpstreamError(msgspec.Struct):
 _decode_error = msgspec.json.Decoder(_UpstreamError).decode
 
 
+def _is_error_event(payload: str) -> bool:
+    """Whether a stream event's JSON is an `{"error": …}` object rather than a chunk."""
+    return payload.startswith("{") and payload[1:].lstrip().startswith('"error"')
+
+
+def _ssl_verify(verify: bool | str) -> bool | ssl.SSLContext:
+    """httpx's `verify` for the option: a CA bundle file or directory becomes an SSLContext."""
+    if isinstance(verify, bool):
+        return verify
+    try:
+        if os.path.isdir(verify):
+            return ssl.create_default_context(capath=verify)
+        return ssl.create_default_context(cafile=verify)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"options.verify: cannot load CA bundle {verify!r}: {exc}") from exc
+
+
 @contextmanager
 def map_httpx_errors(url: str) -> Iterator[None]:
     """Translate httpx failures into gateway errors."""
@@ -91,14 +109,25 @@ def map_httpx_errors(url: str) -> Iterator[None]:
         raise UpstreamError(f"upstream {url} failed: {type(exc).__name__}: {exc}") from exc
 
 
-def status_error(status: int, body: bytes, headers: httpx.Headers) -> UpstreamStatusError:
-    """The gateway error for an upstream error response, keeping its OpenAI fields."""
+def status_error(status: int, body: bytes, headers: httpx.Headers) -> UpstreamError:
+    """The gateway error for an upstream error response, keeping its OpenAI fields.
+
+    The upstream refusing *our* credentials (401/403) is a gateway misconfiguration, not the
+    client's fault, so it becomes a 502 rather than telling the client its own key is wrong.
+    """
     retry = headers.get("retry-after")
     retry_after = float(retry) if retry and retry.replace(".", "", 1).isdigit() else None
     try:
         parsed = _decode_error(body).error
     except msgspec.MsgspecError:
         parsed = body.decode(errors="replace")[:500] or f"HTTP {status}"
+    if status in (401, 403):
+        detail = parsed if isinstance(parsed, str) else parsed.message
+        return UpstreamError(
+            f"the upstream refused the gateway's credentials (HTTP {status}: {detail}); "
+            "check this model's options.api_key / api_key_env",
+            code="upstream_auth_failed",
+        )
     if isinstance(parsed, str):
         return UpstreamStatusError(
             f"upstream error: {parsed}", upstream_status=status, retry_after=retry_after
@@ -128,7 +157,10 @@ class OpenAIHTTPBackend:
 
     def __init__(self, spec: BackendSpec) -> None:
         options = read_options(spec, HTTPOptions)
-        url = httpx.URL(spec.target)
+        try:
+            url = httpx.URL(spec.target)
+        except httpx.InvalidURL as exc:
+            raise ConfigError(f"backend: {spec.target!r} is not a valid URL: {exc}") from exc
         if url.scheme not in ("http", "https") or not url.host:
             raise ConfigError(f"backend: {spec.target!r} is not an http(s) URL")
         self.base_url = spec.target.rstrip("/")
@@ -137,7 +169,7 @@ class OpenAIHTTPBackend:
         self.timeout_s = spec.timeout_s
         api_key = os.environ.get(options.api_key_env, "") if options.api_key_env else ""
         api_key = api_key or options.api_key or ""
-        headers = {"content-type": "application/json", **options.headers}
+        headers = httpx.Headers({"content-type": "application/json", **options.headers})
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
         self._client = httpx.AsyncClient(
@@ -148,7 +180,7 @@ class OpenAIHTTPBackend:
                 max_connections=options.max_connections,
                 max_keepalive_connections=options.max_connections,
             ),
-            verify=options.verify,
+            verify=_ssl_verify(options.verify),
         )
         self._passthrough = self.upstream_model == self.public_model
 
@@ -167,13 +199,18 @@ class OpenAIHTTPBackend:
         """Close the connection pool."""
         await self._client.aclose()
 
-    def _body(self, req: msgspec.Struct) -> bytes:
-        return msgspec.json.encode(msgspec.structs.replace(req, model=self.upstream_model))
+    def _body(self, req: msgspec.Struct, *, stream: bool) -> bytes:
+        changes: dict[str, Any] = {"model": self.upstream_model}
+        if stream:
+            changes["stream"] = True
+        elif getattr(req, "stream", None) is not None:
+            changes.update(stream=None, stream_options=None)
+        return msgspec.json.encode(msgspec.structs.replace(req, **changes))
 
     async def _post(self, path: str, req: msgspec.Struct, type_: type[T]) -> T:
         with map_httpx_errors(self.base_url):
             async with asyncio.timeout(self.timeout_s):
-                response = await self._client.post(path, content=self._body(req))
+                response = await self._client.post(path, content=self._body(req, stream=False))
         if response.status_code >= 400:
             raise status_error(response.status_code, response.content, response.headers)
         try:
@@ -188,7 +225,7 @@ class OpenAIHTTPBackend:
     async def _stream(
         self, path: str, req: msgspec.Struct, chunk_type: type[T]
     ) -> AsyncIterator[StreamItem]:
-        request = self._client.build_request("POST", path, content=self._body(req))
+        request = self._client.build_request("POST", path, content=self._body(req, stream=True))
         with map_httpx_errors(self.base_url):
             response = await self._client.send(request, stream=True)
         try:
@@ -196,16 +233,22 @@ class OpenAIHTTPBackend:
                 with map_httpx_errors(self.base_url):
                     body = await response.aread()
                 raise status_error(response.status_code, body, response.headers)
+            done = False
             with map_httpx_errors(self.base_url):
                 async for line in response.aiter_lines():
                     if not line.startswith("data:"):
                         continue
                     payload = line[5:].strip()
+                    if not payload:
+                        continue
                     if payload == "[DONE]":
+                        done = True
                         break
-                    if payload.startswith('{"error"'):
+                    if _is_error_event(payload):
                         raise status_error(502, payload.encode(), response.headers)
                     yield self._chunk(payload, chunk_type)
+            if not done:
+                raise UpstreamError(f"upstream {self.base_url} ended the stream before [DONE]")
         finally:
             await response.aclose()
 

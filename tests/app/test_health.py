@@ -1,0 +1,33 @@
+"""GET /health and GET /ready."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar.testing import AsyncTestClient
+
+from app.gateway import Gateway
+from app.server import create_app
+from tests.conftest import make_config
+
+
+async def test_health_needs_no_auth(client: AsyncTestClient[Any]) -> None:
+    r = await client.get("/health")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok"}
+
+
+async def test_ready_after_start(client: AsyncTestClient[Any]) -> None:
+    r = await client.get("/ready")
+    assert r.status_code == 200
+    assert r.json()["models"] == ["mock", "fixed", "broken"]
+
+
+async def test_not_ready_is_503_with_retry_after() -> None:
+    gateway = Gateway.from_config(make_config())
+    async with AsyncTestClient(app=create_app(gateway)) as c:  # type: ignore[arg-type]
+        gateway.models[1].ready = False
+        r = await c.get("/ready")
+        assert r.status_code == 503
+        assert r.headers["retry-after"] == "1"
+        assert "fixed" in r.json()["error"]["message"]

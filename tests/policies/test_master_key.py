@@ -1,0 +1,75 @@
+"""Master-key authentication, through the routes and on its own."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from litestar.testing import AsyncTestClient
+
+from app.context import RequestContext, credential_of
+from app.errors import AuthenticationFailed
+from policies.master_key import MasterKeyPolicy
+from tests.conftest import MASTER_KEY, make_config
+
+BODY = {"model": "mock", "messages": [{"role": "user", "content": "x"}]}
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Authorization": f"Bearer {MASTER_KEY}"},
+        {"x-api-key": MASTER_KEY},
+        {"authorization": f"bearer {MASTER_KEY}"},
+    ],
+)
+async def test_accepted_forms(client: AsyncTestClient[Any], headers: dict[str, str]) -> None:
+    assert (
+        await client.post("/v1/chat/completions", json=BODY, headers=headers)
+    ).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": MASTER_KEY},
+        {"x-api-key": "wrong"},
+        {"Authorization": "Bearer "},
+    ],
+)
+async def test_rejected(client: AsyncTestClient[Any], headers: dict[str, str]) -> None:
+    for method, path, body in (("POST", "/v1/chat/completions", BODY), ("GET", "/v1/models", None)):
+        r = await client.request(method, path, json=body, headers=headers)
+        assert r.status_code == 401
+        error = r.json()["error"]
+        assert error["code"] == "invalid_api_key"
+        assert error["type"] == "invalid_request_error"
+        assert MASTER_KEY not in r.text
+
+
+async def test_auth_comes_before_model_lookup(client: AsyncTestClient[Any]) -> None:
+    r = await client.post("/v1/chat/completions", json={**BODY, "model": "secret-model"})
+    assert r.status_code == 401
+
+
+async def test_no_key_configured_means_open(make_client: Any) -> None:
+    async with make_client(make_config(api_key="")) as c:
+        assert (await c.post("/v1/chat/completions", json=BODY)).status_code == 200
+
+
+async def test_policy_sets_key_id() -> None:
+    ctx = RequestContext(request_id="r", client_ip="127.0.0.1", route="/", credential=MASTER_KEY)
+    await MasterKeyPolicy(MASTER_KEY).check(ctx)
+    assert ctx.key_id == "master"
+    ctx.credential = MASTER_KEY + "x"
+    with pytest.raises(AuthenticationFailed):
+        await MasterKeyPolicy(MASTER_KEY).check(ctx)
+
+
+def test_credential_of() -> None:
+    assert credential_of({"authorization": "Bearer abc"}) == "abc"
+    assert credential_of({"x-api-key": "k"}) == "k"
+    assert credential_of({"authorization": "Basic abc", "x-api-key": "k"}) == "k"
+    assert credential_of({}) is None
