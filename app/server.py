@@ -49,6 +49,7 @@ def build_litestar(gateway: Gateway, on_ready: Callable[[], None] | None = None)
         state=State({"gateway": gateway}),
         request_max_body_size=gateway.config.model_server.max_body_bytes,
         openapi_config=None,
+        logging_config=None,
         debug=False,
     )
 

@@ -1,0 +1,54 @@
+"""A client that goes away stops its generation (non-streamed and streamed), on a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.serving import serve
+
+pytestmark = pytest.mark.slow
+
+LONG = {
+    "model": "smol",
+    "messages": [{"role": "user", "content": "Write a very long essay about the history of ships."}],
+    "max_tokens": 400,
+    "temperature": 0,
+}
+SHORT = {**LONG, "max_tokens": 4}
+CONFIG = {
+    "models": [{"id": "smol", "backend": "llamacpp:embedded", "context_length": 1024}],
+}
+
+
+async def timed(client: httpx.AsyncClient, body: dict[str, Any]) -> float:
+    started = time.perf_counter()
+    r = await client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    return time.perf_counter() - started
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_disconnect_frees_the_model(tmp_path: Path, stream: bool) -> None:
+    with serve(CONFIG, tmp_path) as server:
+        async with httpx.AsyncClient(base_url=server.root, timeout=120) as client:
+            await timed(client, SHORT)  # warm up
+            full = await timed(client, LONG)
+            assert full > 1.0, "the long request must take long enough to be cut"
+
+            async with httpx.AsyncClient(base_url=server.root, timeout=120) as doomed:
+                task = asyncio.create_task(
+                    doomed.post("/v1/chat/completions", json={**LONG, "stream": stream})
+                )
+                await asyncio.sleep(0.3)
+                task.cancel()  # closes the connection mid-generation
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            # With the generation still running, this would queue behind the rest of it.
+            after = await timed(client, SHORT)
+            assert after < full / 2, (after, full)
