@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 LONG = {
     "model": "smol",
-    "messages": [{"role": "user", "content": "Write a very long essay about the history of ships."}],
+    "messages": [{"role": "user", "content": "Write a long essay about the history of ships."}],
     "max_tokens": 400,
     "temperature": 0,
 }
