@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ctypes
 import logging
+import secrets
 import struct
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
+import numpy as np
 from msgspec import Meta
 
 from app.config import ConfigError
@@ -48,12 +51,13 @@ from app.protocol import (
     EmbeddingUsage,
     ResponseMessage,
     StreamItem,
-    TokenLogprob,
     TopLogprob,
     Usage,
 )
+from app.protocol import TokenLogprob as ChatTokenLogprob
 from backends.base import BackendSpec, Capabilities
 from backends.common import new_id, now, read_options, stop_list
+from backends.llama_text import StopScanner, TokenLogprob, log_softmax_at
 
 log = logging.getLogger("clawbot.llamacpp")
 
@@ -97,7 +101,7 @@ class _Start(msgspec.Struct):
 
 class _Piece(msgspec.Struct):
     text: str
-    logprobs: dict[str, Any] | None
+    logprobs: list[TokenLogprob]
     finish_reason: str | None
 
 
@@ -151,30 +155,50 @@ def _message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
-def _chat_logprobs(raw: dict[str, Any] | None, top: int) -> ChoiceLogprobs | None:
-    if raw is None:
-        return None
-    content = []
-    for token, logprob, alternatives in zip(
-        raw["tokens"], raw["token_logprobs"], raw["top_logprobs"], strict=False
-    ):
-        ranked = sorted((alternatives or {}).items(), key=lambda kv: kv[1], reverse=True)[:top]
-        content.append(
-            TokenLogprob(
-                token=token,
-                logprob=float(logprob if logprob is not None else 0.0),
-                bytes=list(token.encode()),
+def _piece(vocab: Any, token: int) -> bytes:
+    """The exact bytes of one token (llama-cpp-python's own helper returns its whole buffer)."""
+    import llama_cpp
+
+    size = 64
+    while True:
+        buffer = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_token_to_piece(vocab, token, buffer, size, 0, False)
+        if n >= 0:
+            return buffer.raw[:n]
+        size = -n
+
+
+def _token_text(token: bytes) -> str:
+    return token.decode("utf-8", "backslashreplace")
+
+
+def _chat_logprobs(entries: list[TokenLogprob]) -> ChoiceLogprobs:
+    return ChoiceLogprobs(
+        content=[
+            ChatTokenLogprob(
+                token=e.text,
+                logprob=e.logprob,
+                bytes=list(e.token),
                 top_logprobs=[
-                    TopLogprob(token=t, logprob=float(lp), bytes=list(t.encode()))
-                    for t, lp in ranked
+                    TopLogprob(
+                        token=t.decode("utf-8", "backslashreplace"), logprob=lp, bytes=list(t)
+                    )
+                    for t, lp in e.top
                 ],
             )
-        )
-    return ChoiceLogprobs(content=content, refusal=None)
+            for e in entries
+        ],
+        refusal=None,
+    )
 
 
-def _completion_logprobs(raw: dict[str, Any] | None) -> CompletionLogprobs | None:
-    return None if raw is None else msgspec.convert(raw, CompletionLogprobs)
+def _completion_logprobs(entries: list[TokenLogprob]) -> CompletionLogprobs:
+    return CompletionLogprobs(
+        text_offset=[e.offset for e in entries],
+        token_logprobs=[e.logprob for e in entries],
+        tokens=[e.text for e in entries],
+        top_logprobs=[{_token_text(t): lp for t, lp in e.top} for e in entries],
+    )
 
 
 class LlamaCppBackend:
@@ -202,7 +226,7 @@ class LlamaCppBackend:
     # ---- worker-thread side
 
     def _load(self, kind: str) -> Any:
-        """The Llama context of this kind ("generate", "logprobs", "embed"), loading it once."""
+        """The Llama context of this kind ("generate" or "embed"), loading it once."""
         llm = self._llms.get(kind)
         if llm is not None:
             return llm
@@ -218,8 +242,6 @@ class LlamaCppBackend:
             kwargs["n_threads"] = kwargs["n_threads_batch"] = self.options.n_threads
         if self.options.seed is not None:
             kwargs["seed"] = self.options.seed
-        if kind == "logprobs":
-            kwargs["logits_all"] = True
         if kind == "embed":
             kwargs.update(embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN)
         log.info("loading %s (%s context) from %s", self.model_id, kind, self.path)
@@ -273,60 +295,91 @@ class LlamaCppBackend:
         job: _Job,
         prompt: str | list[int],
         *,
+        param: str,
         add_special: bool,
         logprobs: int | None,
         echo: bool,
         max_tokens: int | None,
-        params: dict[str, Any],
-        extra_stop: list[str],
+        sampling: dict[str, Any],
+        stops: list[str],
     ) -> Iterator[_Event]:
+        """Generate on this thread: token ids from llama.cpp, text and log probabilities ours."""
         import llama_cpp
 
-        llm = self._load("logprobs" if logprobs is not None else "generate")
+        llm = self._load("generate")
         if isinstance(prompt, str):
             tokens = llm.tokenize(prompt.encode(), add_bos=add_special, special=True)
         else:
             tokens = list(prompt)
+        if not tokens:
+            if llm.token_bos() < 0:
+                raise InvalidRequest("the prompt is empty", param=param)
+            tokens = [llm.token_bos()]
         n_ctx = llm.n_ctx()
         if len(tokens) >= n_ctx:
             raise ContextLengthExceeded(
                 f"the prompt is {len(tokens)} tokens; this model's context window is {n_ctx}",
-                param="messages" if isinstance(prompt, str) else "prompt",
+                param=param,
             )
-        if max_tokens is not None and len(tokens) + max_tokens > n_ctx:
-            max_tokens = n_ctx - len(tokens)
-        if params.get("seed") is not None:
+        room = n_ctx - len(tokens)
+        limit = room if max_tokens is None else min(max_tokens, room)
+        seed = sampling.pop("seed", None)
+        if seed is not None:
             # Reusing a cached prefix evaluates the last prompt token alone, which changes the
             # logits in the last bits; a seeded request must replay exactly, so start clean.
             llm.reset()
+        llm.set_seed(seed if seed is not None else secrets.randbits(31))
         yield _Start(len(tokens))
+        offset = 0
         if echo:
             shown = (
                 prompt
                 if isinstance(prompt, str)
                 else llm.detokenize(tokens).decode("utf-8", "replace")
             )
-            yield _Piece(shown, None, None)
-        stream = llm.create_completion(
-            prompt=tokens,
-            max_tokens=max_tokens if max_tokens is not None else -1,
-            logprobs=logprobs,
-            stream=True,
-            stop=extra_stop,
-            stopping_criteria=llama_cpp.StoppingCriteriaList([job.stop_check]),
-            **params,
-        )
-        finish: str | None = None
-        for chunk in stream:
-            choice = chunk["choices"][0]
-            finish = choice.get("finish_reason")
-            yield _Piece(choice.get("text", ""), choice.get("logprobs"), finish)
-        completion = job.sampled
-        if finish == "stop" and completion:
-            completion -= 1  # the end-of-generation token is sampled but not part of the text
-        if max_tokens is not None and max_tokens >= 0:
-            completion = min(completion, max_tokens)
-        yield _End(len(tokens), completion)
+            offset = len(shown)
+            yield _Piece(shown, [], None)
+        if limit <= 0:
+            yield _Piece("", [], "length")
+            yield _End(len(tokens), 0)
+            return
+        vocab, n_vocab = llm._model.vocab, llm.n_vocab()
+        scanner = StopScanner(stops)
+        pending: list[TokenLogprob] = []
+        generated, finish = 0, "length"
+        for token in llm.generate(
+            tokens, stopping_criteria=llama_cpp.StoppingCriteriaList([job.stop_check]), **sampling
+        ):
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                finish = "stop"
+                break
+            generated += 1
+            piece = _piece(vocab, token)
+            if logprobs is not None:
+                # The logits that produced `token` are the last decode's last row.
+                raw = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+                logits = np.ctypeslib.as_array(raw, shape=(n_vocab,))
+                chosen, top = log_softmax_at(logits, token, logprobs)
+                pending.append(
+                    TokenLogprob(
+                        token=piece,
+                        logprob=chosen,
+                        top=[(_piece(vocab, i), lp) for i, lp in top],
+                        offset=offset + scanner.decoded_chars,
+                    )
+                )
+            text, stopped = scanner.feed(piece)
+            if stopped:
+                yield _Piece(text, pending, "stop")
+                yield _End(len(tokens), generated)
+                return
+            if text:
+                yield _Piece(text, pending, None)
+                pending = []
+            if generated >= limit:
+                break
+        yield _Piece(scanner.flush(), pending, finish)
+        yield _End(len(tokens), generated)
 
     # ---- event-loop side
 
@@ -364,21 +417,22 @@ class LlamaCppBackend:
 
     @staticmethod
     def _sampling(req: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
+        """Keyword arguments of `Llama.generate` (plus `seed`) for this request."""
         params: dict[str, Any] = {
-            "temperature": DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
+            "temp": DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
         }
-        for name, target in (
-            ("top_p", "top_p"),
-            ("top_k", "top_k"),
-            ("min_p", "min_p"),
-            ("seed", "seed"),
-            ("presence_penalty", "presence_penalty"),
-            ("frequency_penalty", "frequency_penalty"),
-            ("repeat_penalty", "repeat_penalty"),
+        for name in (
+            "top_p",
+            "top_k",
+            "min_p",
+            "seed",
+            "presence_penalty",
+            "frequency_penalty",
+            "repeat_penalty",
         ):
             value = getattr(req, name)
             if value is not None:
-                params[target] = value
+                params[name] = value
         if req.logit_bias:
             try:
                 bias = {int(k): float(v) for k, v in req.logit_bias.items()}
@@ -386,7 +440,13 @@ class LlamaCppBackend:
                 raise InvalidRequest(
                     "logit_bias keys must be token ids", param="logit_bias"
                 ) from exc
-            params["logit_bias"] = bias
+            ids, values = np.array(list(bias), dtype=np.intc), np.array(list(bias.values()))
+
+            def apply_bias(_ids: Any, scores: Any) -> Any:
+                scores[ids] += values
+                return scores
+
+            params["logits_processor"] = [apply_bias]
         return params
 
     def _chat_work(self, req: ChatCompletionRequest) -> Callable[[_Job], Iterator[_Event]]:
@@ -410,12 +470,13 @@ class LlamaCppBackend:
             return self._generate(
                 job,
                 formatted.prompt,
+                param="messages",
                 add_special=not formatted.added_special,
                 logprobs=logprobs,
                 echo=False,
                 max_tokens=req.max_tokens,
-                params=params,
-                extra_stop=stops,
+                sampling=dict(params),
+                stops=stops,
             )
 
         return work
@@ -423,16 +484,14 @@ class LlamaCppBackend:
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletion:
         """Generate a whole reply."""
         text: list[str] = []
-        lp_raw: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": []}
+        entries: list[TokenLogprob] = []
         finish, usage = "stop", Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
         async with aclosing(self._run(self._chat_work(req))) as events:
             async for event in events:
                 if isinstance(event, _Piece):
                     text.append(event.text)
                     finish = event.finish_reason or finish
-                    if event.logprobs:
-                        for key in lp_raw:
-                            lp_raw[key].extend(event.logprobs[key])
+                    entries.extend(event.logprobs)
                 elif isinstance(event, _End):
                     usage = Usage(
                         prompt_tokens=event.prompt_tokens,
@@ -447,9 +506,7 @@ class LlamaCppBackend:
                 ChatChoice(
                     index=0,
                     message=ResponseMessage(content="".join(text)),
-                    logprobs=_chat_logprobs(lp_raw, req.top_logprobs or 0)
-                    if req.logprobs
-                    else None,
+                    logprobs=_chat_logprobs(entries) if req.logprobs else None,
                     finish_reason=finish,  # type: ignore[arg-type]
                 )
             ],
@@ -478,12 +535,8 @@ class LlamaCppBackend:
                 if isinstance(event, _Start):
                     yield chunk(ChunkDelta(role="assistant", content=""))
                 elif isinstance(event, _Piece):
-                    lp = (
-                        _chat_logprobs(event.logprobs, req.top_logprobs or 0)
-                        if req.logprobs
-                        else None
-                    )
-                    if event.text or lp:
+                    lp = _chat_logprobs(event.logprobs) if req.logprobs else None
+                    if event.text or event.logprobs:
                         yield chunk(ChunkDelta(content=event.text), lp=lp)
                     if event.finish_reason:
                         yield chunk(ChunkDelta(), event.finish_reason)
@@ -518,12 +571,13 @@ class LlamaCppBackend:
             return self._generate(
                 job,
                 prompt,
+                param="prompt",
                 add_special=True,
                 logprobs=req.logprobs,
                 echo=bool(req.echo),
                 max_tokens=req.max_tokens,
-                params=params,
-                extra_stop=stop_list(req.stop),
+                sampling=dict(params),
+                stops=stop_list(req.stop),
             )
 
         return work
@@ -542,21 +596,14 @@ class LlamaCppBackend:
         choices, prompt_tokens, completion_tokens = [], 0, 0
         for index, prompt in enumerate(self._prompts(req)):
             text: list[str] = []
-            raw: dict[str, list[Any]] = {
-                "text_offset": [],
-                "token_logprobs": [],
-                "tokens": [],
-                "top_logprobs": [],
-            }
+            entries: list[TokenLogprob] = []
             finish = "stop"
             async with aclosing(self._run(self._completion_work(req, prompt))) as events:
                 async for event in events:
                     if isinstance(event, _Piece):
                         text.append(event.text)
                         finish = event.finish_reason or finish
-                        if event.logprobs:
-                            for key in raw:
-                                raw[key].extend(event.logprobs[key])
+                        entries.extend(event.logprobs)
                     elif isinstance(event, _End):
                         prompt_tokens += event.prompt_tokens
                         completion_tokens += event.completion_tokens
@@ -564,7 +611,7 @@ class LlamaCppBackend:
                 CompletionChoice(
                     text="".join(text),
                     index=index,
-                    logprobs=_completion_logprobs(raw) if req.logprobs is not None else None,
+                    logprobs=_completion_logprobs(entries) if req.logprobs is not None else None,
                     finish_reason=finish,  # type: ignore[arg-type]
                 )
             )
@@ -593,14 +640,18 @@ class LlamaCppBackend:
                 created=created,
                 model=self.model_id,
                 choices=[CompletionChoice(text=text, index=0, logprobs=lp, finish_reason=finish)],  # type: ignore[arg-type]
-                usage=None if include_usage else msgspec.UNSET,
             )
 
         async with aclosing(self._run(self._completion_work(req, self._prompts(req)[0]))) as items:
             async for item in items:
                 if isinstance(item, _Piece):
                     if item.text or item.logprobs:
-                        yield event(item.text, None, _completion_logprobs(item.logprobs))
+                        lp = (
+                            _completion_logprobs(item.logprobs)
+                            if req.logprobs is not None
+                            else None
+                        )
+                        yield event(item.text, None, lp)
                     if item.finish_reason:
                         yield event("", item.finish_reason)
                 elif isinstance(item, _End) and include_usage:

@@ -21,6 +21,7 @@ from msgspec import Meta
 
 from app.errors import UpstreamError
 from app.protocol import (
+    UNSET,
     ChatChoice,
     ChatCompletion,
     ChatCompletionChunk,
@@ -167,6 +168,7 @@ class MockBackend:
         """The same reply, a word per chunk."""
         gen = self._generate(self._chat_prompt(req), req.max_tokens, stop_list(req.stop))
         cid, created = new_id("chatcmpl"), now()
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def chunk(
             delta: ChunkDelta, finish: str | None = None, lp: ChoiceLogprobs | None = None
@@ -176,6 +178,8 @@ class MockBackend:
                 created=created,
                 model=req.model,
                 choices=[ChunkChoice(index=0, delta=delta, logprobs=lp, finish_reason=finish)],  # type: ignore[arg-type]
+                # OpenAI sends usage: null on every chunk but the last when usage is asked for
+                usage=None if include_usage else UNSET,
             )
 
         yield chunk(ChunkDelta(role="assistant", content=""))
@@ -184,7 +188,7 @@ class MockBackend:
             lp = self._chat_logprobs([token], req.top_logprobs or 0) if req.logprobs else None
             yield chunk(ChunkDelta(content=token), lp=lp)
         yield chunk(ChunkDelta(), gen.finish_reason)
-        if req.stream_options and req.stream_options.include_usage:
+        if include_usage:
             yield ChatCompletionChunk(
                 id=cid,
                 created=created,
