@@ -7,17 +7,9 @@ through its OpenAI-compatible HTTP backend.
 
 from __future__ import annotations
 
-import json
-import os
-import queue
-import re
-import signal
-import subprocess
-import sys
-import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import pytest
@@ -34,11 +26,10 @@ from compat_tests.support import (
     UPSTREAM,
     Server,
 )
+from tests.serving import ServerDidNotStart, serve
 
 START_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 30.0
 
-_BANNER = re.compile(r"clawbot \S+ serving on (?P<base>http://127\.0\.0\.1:(?P<port>\d+)/v1)\s*$")
 _HERE = Path(__file__).resolve().parent
 
 
@@ -49,75 +40,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
-def _drain(stream: IO[str], lines: queue.Queue[str | None], log: Path) -> None:
-    """Copy the child's stdout to its log, handing lines over until the stream ends."""
-    with log.open("a", encoding="utf-8") as sink:
-        for line in stream:
-            sink.write(line)
-            sink.flush()
-            lines.put(line)
-    lines.put(None)
-
-
-def _await_banner(
-    proc: subprocess.Popen[str], lines: queue.Queue[str | None], name: str, log: Path
-) -> re.Match[str]:
-    """The banner line's match, or a failure quoting the server's log."""
-    while True:
-        try:
-            line = lines.get(timeout=START_TIMEOUT_S)
-        except queue.Empty:
-            reason = f"printed no banner within {START_TIMEOUT_S:.0f}s"
-            break
-        if line is None:
-            reason = f"exited with status {proc.wait()} before printing its banner"
-            break
-        match = _BANNER.search(line)
-        if match:
-            return match
-    proc.kill()
-    proc.wait()
-    pytest.fail(f"{name} server {reason}; log:\n{log.read_text(errors='replace')[-4000:]}")
-
-
 def _serve(name: str, config: dict[str, Any], workdir: Path) -> Iterator[Server]:
-    """Run `python -m app serve --port 0` on config until the generator is closed."""
-    config_path = workdir / f"{name}.json"
-    config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
-    log = workdir / f"{name}.log"
-    env = {k: v for k, v in os.environ.items() if k != "CLAWBOT_API_KEY"}
-    env["PYTHONUNBUFFERED"] = "1"
-    command = [sys.executable, "-m", "app", "serve", "--config", str(config_path), "--port", "0"]
-    with (
-        log.open("w", encoding="utf-8") as stderr,
-        subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-            env=env,
-            cwd=_HERE.parent,
-        ) as proc,
-    ):
-        assert proc.stdout is not None
-        lines: queue.Queue[str | None] = queue.Queue()
-        drainer = threading.Thread(
-            target=_drain, args=(proc.stdout, lines, workdir / f"{name}.stdout.log"), daemon=True
-        )
-        drainer.start()
-        try:
-            match = _await_banner(proc, lines, name, log)
-            origin = match.group("base").removesuffix("/v1")
-            yield Server(name=name, base_url=match.group("base"), origin=origin, log=log)
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            drainer.join(timeout=STOP_TIMEOUT_S)
+    """Run `python -m app serve` on config until the generator is closed."""
+    try:
+        with serve(config, workdir / name, timeout_s=START_TIMEOUT_S) as running:
+            yield Server(
+                name=name, base_url=running.base_url, origin=running.root, log=running.log_path
+            )
+    except ServerDidNotStart as exc:
+        pytest.fail(f"{name} server: {exc}")
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+
+class ServerDidNotStart(RuntimeError):
+    """The process exited or printed no banner in time; the message quotes its log."""
+
+
 _READY = re.compile(r"serving on (?P<url>https?://\S+/v1)")
 
 
@@ -68,7 +73,11 @@ def serve(
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         text=True,
-        env={**os.environ, **(env or {})},
+        env={
+            **{k: v for k, v in os.environ.items() if k != "CLAWBOT_API_KEY"},
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        },
     )
     ready, found = threading.Event(), []
     sink = log_path.open("w")
@@ -81,7 +90,9 @@ def serve(
         deadline = time.monotonic() + timeout_s
         while not ready.wait(0.05):
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"clawbot did not start:\n{log_path.read_text()}")
+                raise ServerDidNotStart(
+                    f"clawbot did not start; its log:\n{log_path.read_text()[-4000:]}"
+                )
         yield Server(process, found[0], log_path)
     finally:
         if process.poll() is None:
