@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -14,29 +13,30 @@ from app.errors import ClientClosedRequest
 T = TypeVar("T")
 
 
-async def _disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
 async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it (and so its generation) if the client disconnects first.
+    """Await `work` in this task, cancelling it (and so its generation) if the client leaves.
 
     Call this only after the request body was read: the next ASGI message is then the
-    disconnect, if any.
+    disconnect, if any. One watcher task per call; the work itself is not wrapped in a task.
     """
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(receive))
+    handler = asyncio.current_task()
+    assert handler is not None
+    disconnected = False
+
+    async def watch() -> None:
+        nonlocal disconnected
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        disconnected = True
+        handler.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
     try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.cancel()
-        raise
+        return await work
+    except asyncio.CancelledError:
+        if not disconnected:
+            raise
+        handler.uncancel()
+        raise ClientClosedRequest("the client disconnected before the answer was ready") from None
     finally:
         watcher.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
-    raise ClientClosedRequest("the client disconnected before the answer was ready")

@@ -2,14 +2,37 @@
 
 from __future__ import annotations
 
+import base64
+import math
 import secrets
+import struct
 import time
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import Literal, TypeVar
 
 import msgspec
 
 from app.config import ConfigError
+from app.protocol import (
+    UNSET,
+    ChatCompletionChunk,
+    ChoiceLogprobs,
+    ChunkChoice,
+    ChunkDelta,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    Embedding,
+    EmbeddingList,
+    EmbeddingRequest,
+    EmbeddingUsage,
+    StreamOptions,
+    Usage,
+)
 from backends.base import BackendSpec
+
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
+CompletionFinish = Literal["stop", "length", "content_filter"]
 
 OptionsT = TypeVar("OptionsT", bound=msgspec.Struct)
 
@@ -44,3 +67,105 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
     if stop is None:
         return []
     return [stop] if isinstance(stop, str) else list(stop)
+
+
+def wants_usage(options: StreamOptions | None) -> bool:
+    """Whether a stream must end with a usage chunk."""
+    return bool(options and options.include_usage)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    """A Usage object with its total."""
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+def embedding_list(
+    vectors: list[list[float]], req: EmbeddingRequest, *, model: str, tokens: int
+) -> EmbeddingList:
+    """The response for `vectors` (in input order), shortened and encoded as `req` asks."""
+    data = []
+    for index, vector in enumerate(vectors):
+        if req.dimensions is not None and req.dimensions < len(vector):
+            # Shortened embeddings are renormalized, as OpenAI's `dimensions` does.
+            vector = vector[: req.dimensions]
+            norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+            vector = [v / norm for v in vector]
+        embedding: list[float] | str = vector
+        if req.encoding_format == "base64":
+            embedding = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        data.append(Embedding(embedding=embedding, index=index))
+    return EmbeddingList(
+        data=data, model=model, usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)
+    )
+
+
+@dataclass(slots=True)
+class ChatChunks:
+    """Builds the chunks of one streamed chat completion: one id, one `created`."""
+
+    model: str
+    include_usage: bool
+    id: str = field(default_factory=lambda: new_id("chatcmpl"))
+    created: int = field(default_factory=now)
+
+    def delta(
+        self,
+        delta: ChunkDelta,
+        finish: FinishReason | None = None,
+        lp: ChoiceLogprobs | None = None,
+    ) -> ChatCompletionChunk:
+        """A chunk adding `delta` (OpenAI sends `usage: null` on these when usage is asked)."""
+        return ChatCompletionChunk(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=[ChunkChoice(index=0, delta=delta, logprobs=lp, finish_reason=finish)],
+            usage=None if self.include_usage else UNSET,
+        )
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> ChatCompletionChunk:
+        """The final chunk: no choices, the usage."""
+        return ChatCompletionChunk(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=[],
+            usage=usage(prompt_tokens, completion_tokens),
+        )
+
+
+@dataclass(slots=True)
+class CompletionEvents:
+    """Builds the events of one streamed text completion."""
+
+    model: str
+    id: str = field(default_factory=lambda: new_id("cmpl"))
+    created: int = field(default_factory=now)
+
+    def text(
+        self,
+        text: str,
+        finish: CompletionFinish | None = None,
+        lp: CompletionLogprobs | None = None,
+    ) -> Completion:
+        """An event adding `text`."""
+        return Completion(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=[CompletionChoice(text=text, index=0, logprobs=lp, finish_reason=finish)],
+        )
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> Completion:
+        """The final event: no choices, the usage."""
+        return Completion(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=[],
+            usage=usage(prompt_tokens, completion_tokens),
+        )

@@ -12,11 +12,9 @@ Options: `n_ctx`, `n_threads`, `n_batch`, `seed`, `chat_template` (overrides the
 from __future__ import annotations
 
 import asyncio
-import base64
 import ctypes
 import logging
 import secrets
-import struct
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +22,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 import numpy as np
@@ -35,28 +33,33 @@ from app.errors import ContextLengthExceeded, InvalidRequest, UnsupportedParamet
 from app.protocol import (
     ChatChoice,
     ChatCompletion,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatMessage,
     ChoiceLogprobs,
-    ChunkChoice,
     ChunkDelta,
     Completion,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
-    Embedding,
     EmbeddingList,
     EmbeddingRequest,
-    EmbeddingUsage,
     ResponseMessage,
     StreamItem,
     TopLogprob,
-    Usage,
 )
 from app.protocol import TokenLogprob as ChatTokenLogprob
 from backends.base import BackendSpec, Capabilities
-from backends.common import new_id, now, read_options, stop_list
+from backends.common import (
+    ChatChunks,
+    CompletionEvents,
+    embedding_list,
+    new_id,
+    now,
+    read_options,
+    stop_list,
+    usage,
+    wants_usage,
+)
 from backends.llama_text import StopScanner, TokenLogprob, log_softmax_at
 
 log = logging.getLogger("clawbot.llamacpp")
@@ -102,7 +105,7 @@ class _Start(msgspec.Struct):
 class _Piece(msgspec.Struct):
     text: str
     logprobs: list[TokenLogprob]
-    finish_reason: str | None
+    finish_reason: Literal["stop", "length"] | None
 
 
 class _End(msgspec.Struct):
@@ -346,7 +349,8 @@ class LlamaCppBackend:
         vocab, n_vocab = llm._model.vocab, llm.n_vocab()
         scanner = StopScanner(stops)
         pending: list[TokenLogprob] = []
-        generated, finish = 0, "length"
+        generated = 0
+        finish: Literal["stop", "length"] = "length"
         for token in llm.generate(
             tokens, stopping_criteria=llama_cpp.StoppingCriteriaList([job.stop_check]), **sampling
         ):
@@ -485,7 +489,8 @@ class LlamaCppBackend:
         """Generate a whole reply."""
         text: list[str] = []
         entries: list[TokenLogprob] = []
-        finish, usage = "stop", Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
+        finish: Literal["stop", "length"] = "stop"
+        counts = usage(0, 0)
         async with aclosing(self._run(self._chat_work(req))) as events:
             async for event in events:
                 if isinstance(event, _Piece):
@@ -493,11 +498,7 @@ class LlamaCppBackend:
                     finish = event.finish_reason or finish
                     entries.extend(event.logprobs)
                 elif isinstance(event, _End):
-                    usage = Usage(
-                        prompt_tokens=event.prompt_tokens,
-                        completion_tokens=event.completion_tokens,
-                        total_tokens=event.prompt_tokens + event.completion_tokens,
-                    )
+                    counts = usage(event.prompt_tokens, event.completion_tokens)
         return ChatCompletion(
             id=new_id("chatcmpl"),
             created=now(),
@@ -507,51 +508,27 @@ class LlamaCppBackend:
                     index=0,
                     message=ResponseMessage(content="".join(text)),
                     logprobs=_chat_logprobs(entries) if req.logprobs else None,
-                    finish_reason=finish,  # type: ignore[arg-type]
+                    finish_reason=finish,
                 )
             ],
-            usage=usage,
+            usage=counts,
         )
 
     async def stream_chat(self, req: ChatCompletionRequest) -> AsyncIterator[StreamItem]:
         """Stream a reply, a chunk per decoded piece."""
-        cid, created = new_id("chatcmpl"), now()
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        usage_field: Usage | Any | None = None if include_usage else msgspec.UNSET
-
-        def chunk(
-            delta: ChunkDelta, finish: str | None = None, lp: ChoiceLogprobs | None = None
-        ) -> ChatCompletionChunk:
-            return ChatCompletionChunk(
-                id=cid,
-                created=created,
-                model=self.model_id,
-                choices=[ChunkChoice(index=0, delta=delta, logprobs=lp, finish_reason=finish)],  # type: ignore[arg-type]
-                usage=usage_field,
-            )
-
+        chunks = ChatChunks(self.model_id, wants_usage(req.stream_options))
         async with aclosing(self._run(self._chat_work(req))) as events:
             async for event in events:
                 if isinstance(event, _Start):
-                    yield chunk(ChunkDelta(role="assistant", content=""))
+                    yield chunks.delta(ChunkDelta(role="assistant", content=""))
                 elif isinstance(event, _Piece):
                     lp = _chat_logprobs(event.logprobs) if req.logprobs else None
                     if event.text or event.logprobs:
-                        yield chunk(ChunkDelta(content=event.text), lp=lp)
+                        yield chunks.delta(ChunkDelta(content=event.text), lp=lp)
                     if event.finish_reason:
-                        yield chunk(ChunkDelta(), event.finish_reason)
-                elif include_usage:
-                    yield ChatCompletionChunk(
-                        id=cid,
-                        created=created,
-                        model=self.model_id,
-                        choices=[],
-                        usage=Usage(
-                            prompt_tokens=event.prompt_tokens,
-                            completion_tokens=event.completion_tokens,
-                            total_tokens=event.prompt_tokens + event.completion_tokens,
-                        ),
-                    )
+                        yield chunks.delta(ChunkDelta(), event.finish_reason)
+                elif chunks.include_usage:
+                    yield chunks.usage(event.prompt_tokens, event.completion_tokens)
 
     def _completion_work(
         self, req: CompletionRequest, prompt: str | list[int]
@@ -597,7 +574,7 @@ class LlamaCppBackend:
         for index, prompt in enumerate(self._prompts(req)):
             text: list[str] = []
             entries: list[TokenLogprob] = []
-            finish = "stop"
+            finish: Literal["stop", "length"] = "stop"
             async with aclosing(self._run(self._completion_work(req, prompt))) as events:
                 async for event in events:
                     if isinstance(event, _Piece):
@@ -612,7 +589,7 @@ class LlamaCppBackend:
                     text="".join(text),
                     index=index,
                     logprobs=_completion_logprobs(entries) if req.logprobs is not None else None,
-                    finish_reason=finish,  # type: ignore[arg-type]
+                    finish_reason=finish,
                 )
             )
         return Completion(
@@ -620,52 +597,23 @@ class LlamaCppBackend:
             created=now(),
             model=self.model_id,
             choices=choices,
-            usage=Usage(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=prompt_tokens + completion_tokens,
-            ),
+            usage=usage(prompt_tokens, completion_tokens),
         )
 
     async def stream_complete(self, req: CompletionRequest) -> AsyncIterator[StreamItem]:
         """Stream the completion of a single prompt."""
-        cid, created = new_id("cmpl"), now()
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-        def event(
-            text: str, finish: str | None, lp: CompletionLogprobs | None = None
-        ) -> Completion:
-            return Completion(
-                id=cid,
-                created=created,
-                model=self.model_id,
-                choices=[CompletionChoice(text=text, index=0, logprobs=lp, finish_reason=finish)],  # type: ignore[arg-type]
-            )
-
-        async with aclosing(self._run(self._completion_work(req, self._prompts(req)[0]))) as items:
+        events = CompletionEvents(self.model_id)
+        work = self._completion_work(req, self._prompts(req)[0])
+        async with aclosing(self._run(work)) as items:
             async for item in items:
                 if isinstance(item, _Piece):
                     if item.text or item.logprobs:
-                        lp = (
-                            _completion_logprobs(item.logprobs)
-                            if req.logprobs is not None
-                            else None
-                        )
-                        yield event(item.text, None, lp)
+                        lp = _completion_logprobs(item.logprobs) if item.logprobs else None
+                        yield events.text(item.text, None, lp)
                     if item.finish_reason:
-                        yield event("", item.finish_reason)
-                elif isinstance(item, _End) and include_usage:
-                    yield Completion(
-                        id=cid,
-                        created=created,
-                        model=self.model_id,
-                        choices=[],
-                        usage=Usage(
-                            prompt_tokens=item.prompt_tokens,
-                            completion_tokens=item.completion_tokens,
-                            total_tokens=item.prompt_tokens + item.completion_tokens,
-                        ),
-                    )
+                        yield events.text("", item.finish_reason)
+                elif isinstance(item, _End) and wants_usage(req.stream_options):
+                    yield events.usage(item.prompt_tokens, item.completion_tokens)
 
     def _embed_work(self, texts: list[str]) -> tuple[list[list[float]], int]:
         llm = self._load("embed")
@@ -689,16 +637,4 @@ class LlamaCppBackend:
             raise
         except Exception as exc:
             raise _map_llama_error(exc) from exc
-        data = []
-        for index, vector in enumerate(vectors):
-            if req.dimensions is not None:
-                vector = vector[: req.dimensions]
-            embedding: list[float] | str = vector
-            if req.encoding_format == "base64":
-                embedding = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
-            data.append(Embedding(embedding=embedding, index=index))
-        return EmbeddingList(
-            data=data,
-            model=self.model_id,
-            usage=EmbeddingUsage(prompt_tokens=count, total_tokens=count),
-        )
+        return embedding_list(vectors, req, model=self.model_id, tokens=count)

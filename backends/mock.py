@@ -8,43 +8,47 @@ embeddings are unit vectors derived from a hash of the input. Options:
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import math
 import re
 import struct
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
 
 from app.errors import UpstreamError
 from app.protocol import (
-    UNSET,
     ChatChoice,
     ChatCompletion,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChoiceLogprobs,
-    ChunkChoice,
     ChunkDelta,
     Completion,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
-    Embedding,
     EmbeddingList,
     EmbeddingRequest,
-    EmbeddingUsage,
     ResponseMessage,
     StreamItem,
     TokenLogprob,
     TopLogprob,
-    Usage,
 )
 from backends.base import BackendSpec, Capabilities
-from backends.common import first_stop, new_id, now, read_options, stop_list
+from backends.common import (
+    ChatChunks,
+    CompletionEvents,
+    embedding_list,
+    first_stop,
+    new_id,
+    now,
+    read_options,
+    stop_list,
+    usage,
+    wants_usage,
+)
 
 _WORD = re.compile(r"\S+\s*|\s+")
 _LOGPROB = -0.25
@@ -72,7 +76,7 @@ def tokens_of(text: str) -> list[str]:
 
 class _Generation(msgspec.Struct):
     tokens: list[str]
-    finish_reason: str
+    finish_reason: Literal["stop", "length"]
     prompt_tokens: int
 
 
@@ -97,7 +101,7 @@ class MockBackend:
 
     def _generate(self, prompt: str, max_tokens: int | None, stop: list[str]) -> _Generation:
         text = self.options.reply if self.options.reply is not None else f"You said: {prompt}"
-        finish = "stop"
+        finish: Literal["stop", "length"] = "stop"
         cut = first_stop(text, stop)
         if cut >= 0:
             text = text[:cut]
@@ -154,52 +158,26 @@ class MockBackend:
                         if req.logprobs
                         else None
                     ),
-                    finish_reason=gen.finish_reason,  # type: ignore[arg-type]
+                    finish_reason=gen.finish_reason,
                 )
             ],
-            usage=Usage(
-                prompt_tokens=gen.prompt_tokens,
-                completion_tokens=len(gen.tokens),
-                total_tokens=gen.prompt_tokens + len(gen.tokens),
-            ),
+            usage=usage(gen.prompt_tokens, len(gen.tokens)),
         )
 
     async def stream_chat(self, req: ChatCompletionRequest) -> AsyncIterator[StreamItem]:
         """The same reply, a word per chunk."""
         gen = self._generate(self._chat_prompt(req), req.max_tokens, stop_list(req.stop))
-        cid, created = new_id("chatcmpl"), now()
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-        def chunk(
-            delta: ChunkDelta, finish: str | None = None, lp: ChoiceLogprobs | None = None
-        ) -> ChatCompletionChunk:
-            return ChatCompletionChunk(
-                id=cid,
-                created=created,
-                model=req.model,
-                choices=[ChunkChoice(index=0, delta=delta, logprobs=lp, finish_reason=finish)],  # type: ignore[arg-type]
-                # OpenAI sends usage: null on every chunk but the last when usage is asked for
-                usage=None if include_usage else UNSET,
-            )
-
-        yield chunk(ChunkDelta(role="assistant", content=""))
+        chunks = ChatChunks(
+            req.model, bool(req.stream_options and req.stream_options.include_usage)
+        )
+        yield chunks.delta(ChunkDelta(role="assistant", content=""))
         for produced, token in enumerate(gen.tokens):
             await self._tick(produced)
             lp = self._chat_logprobs([token], req.top_logprobs or 0) if req.logprobs else None
-            yield chunk(ChunkDelta(content=token), lp=lp)
-        yield chunk(ChunkDelta(), gen.finish_reason)
-        if include_usage:
-            yield ChatCompletionChunk(
-                id=cid,
-                created=created,
-                model=req.model,
-                choices=[],
-                usage=Usage(
-                    prompt_tokens=gen.prompt_tokens,
-                    completion_tokens=len(gen.tokens),
-                    total_tokens=gen.prompt_tokens + len(gen.tokens),
-                ),
-            )
+            yield chunks.delta(ChunkDelta(content=token), lp=lp)
+        yield chunks.delta(ChunkDelta(), gen.finish_reason)
+        if chunks.include_usage:
+            yield chunks.usage(gen.prompt_tokens, len(gen.tokens))
 
     @staticmethod
     def _completion_logprobs(tokens: list[str], top: int, offset: int) -> CompletionLogprobs:
@@ -232,7 +210,7 @@ class MockBackend:
                         if req.logprobs is not None
                         else None
                     ),
-                    finish_reason=gen.finish_reason,  # type: ignore[arg-type]
+                    finish_reason=gen.finish_reason,
                 )
             )
             prompt_tokens += gen.prompt_tokens
@@ -242,31 +220,16 @@ class MockBackend:
             created=now(),
             model=req.model,
             choices=choices,
-            usage=Usage(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=prompt_tokens + completion_tokens,
-            ),
+            usage=usage(prompt_tokens, completion_tokens),
         )
 
     async def stream_complete(self, req: CompletionRequest) -> AsyncIterator[StreamItem]:
         """A streamed completion of a single prompt."""
         prompt = req.prompt if isinstance(req.prompt, str) else str(req.prompt[0])
         gen = self._generate(prompt, req.max_tokens, stop_list(req.stop))
-        cid, created = new_id("cmpl"), now()
-
-        def event(
-            text: str, finish: str | None, lp: CompletionLogprobs | None = None
-        ) -> Completion:
-            return Completion(
-                id=cid,
-                created=created,
-                model=req.model,
-                choices=[CompletionChoice(text=text, index=0, logprobs=lp, finish_reason=finish)],  # type: ignore[arg-type]
-            )
-
+        events = CompletionEvents(req.model)
         if req.echo:
-            yield event(prompt, None)
+            yield events.text(prompt)
         for produced, token in enumerate(gen.tokens):
             await self._tick(produced)
             lp = (
@@ -274,20 +237,10 @@ class MockBackend:
                 if req.logprobs is not None
                 else None
             )
-            yield event(token, None, lp)
-        yield event("", gen.finish_reason)
-        if req.stream_options and req.stream_options.include_usage:
-            yield Completion(
-                id=cid,
-                created=created,
-                model=req.model,
-                choices=[],
-                usage=Usage(
-                    prompt_tokens=gen.prompt_tokens,
-                    completion_tokens=len(gen.tokens),
-                    total_tokens=gen.prompt_tokens + len(gen.tokens),
-                ),
-            )
+            yield events.text(token, None, lp)
+        yield events.text("", gen.finish_reason)
+        if wants_usage(req.stream_options):
+            yield events.usage(gen.prompt_tokens, len(gen.tokens))
 
     def _vector(self, text: str) -> list[float]:
         dims = self.options.dimensions
@@ -304,18 +257,5 @@ class MockBackend:
     async def embed(self, req: EmbeddingRequest) -> EmbeddingList:
         """Hash-derived unit vectors, one per input, in input order."""
         texts = [req.input] if isinstance(req.input, str) else [str(t) for t in req.input]
-        data = []
-        for index, text in enumerate(texts):
-            vector = self._vector(text)
-            if req.dimensions is not None:
-                vector = vector[: req.dimensions]
-            embedding: list[float] | str = vector
-            if req.encoding_format == "base64":
-                embedding = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
-            data.append(Embedding(embedding=embedding, index=index))
         tokens = sum(len(tokens_of(t)) for t in texts)
-        return EmbeddingList(
-            data=data,
-            model=req.model,
-            usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
-        )
+        return embedding_list([self._vector(t) for t in texts], req, model=req.model, tokens=tokens)

@@ -10,9 +10,9 @@ from typing import Any
 import httpx
 import pytest
 
+from app.disconnect import unless_disconnected
+from app.errors import ClientClosedRequest
 from tests.serving import serve
-
-pytestmark = pytest.mark.slow
 
 LONG = {
     "model": "smol",
@@ -33,6 +33,7 @@ async def timed(client: httpx.AsyncClient, body: dict[str, Any]) -> float:
     return time.perf_counter() - started
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stream", [False, True])
 async def test_disconnect_frees_the_model(tmp_path: Path, stream: bool) -> None:
     with serve(CONFIG, tmp_path) as server:
@@ -52,3 +53,58 @@ async def test_disconnect_frees_the_model(tmp_path: Path, stream: bool) -> None:
             # With the generation still running, this would queue behind the rest of it.
             after = await timed(client, SHORT)
             assert after < full / 2, (after, full)
+
+
+# ---- unless_disconnected on its own
+
+
+async def test_result_when_client_stays() -> None:
+    never = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        await never.wait()
+        return {"type": "http.disconnect"}
+
+    async def work() -> int:
+        await asyncio.sleep(0)
+        return 7
+
+    assert await unless_disconnected(receive, work()) == 7  # type: ignore[arg-type]
+
+
+async def test_disconnect_cancels_the_work() -> None:
+    cancelled = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(0.01)
+        return {"type": "http.disconnect"}
+
+    async def work() -> int:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return 1
+
+    with pytest.raises(ClientClosedRequest):
+        await unless_disconnected(receive, work())  # type: ignore[arg-type]
+    assert cancelled.is_set()
+    task = asyncio.current_task()
+    assert task is not None
+    assert task.cancelling() == 0
+
+
+async def test_other_cancellation_propagates() -> None:
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(30)
+        return {"type": "http.disconnect"}
+
+    async def handler() -> None:
+        await unless_disconnected(receive, asyncio.sleep(30))  # type: ignore[arg-type]
+
+    task = asyncio.create_task(handler())
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
