@@ -3,7 +3,8 @@
 One pooled `httpx.AsyncClient` per backend. Streams pass through chunk by chunk: when the
 upstream's model name equals the public id, chunk JSON is forwarded without re-encoding.
 Options: `upstream_model`, `api_key`, `api_key_env`, `headers`, `connect_timeout_s`,
-`max_connections`, `verify` (false, or a CA bundle path).
+`max_connections`, `verify` (false, or a CA bundle path), `transport` (`pooled`, our
+`PooledTransport`, or `httpx` for httpx's own httpcore pool).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import httpx
 import msgspec
@@ -38,6 +39,7 @@ from app.protocol import (
 )
 from backends.base import BackendSpec, Capabilities
 from backends.common import read_options
+from backends.http_transport import PooledTransport
 
 T = TypeVar("T", ChatCompletion, Completion, EmbeddingList, ChatCompletionChunk)
 
@@ -59,6 +61,8 @@ class HTTPOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     """Pool size."""
     verify: bool | str = True
     """TLS verification: false, true, or a CA bundle path."""
+    transport: Literal["pooled", "httpx"] = "pooled"
+    """Connection pool: our `PooledTransport` (cheap per request) or httpx's default (httpcore)."""
 
 
 class _UpstreamErrorBody(msgspec.Struct):
@@ -172,6 +176,11 @@ class OpenAIHTTPBackend:
         headers = httpx.Headers({"content-type": "application/json", **options.headers})
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
+        verify = _ssl_verify(options.verify)
+        transport = None
+        if options.transport == "pooled":
+            tls = httpx.create_ssl_context(verify=verify) if url.scheme == "https" else None
+            transport = PooledTransport(max_connections=options.max_connections, ssl_context=tls)
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
@@ -180,7 +189,8 @@ class OpenAIHTTPBackend:
                 max_connections=options.max_connections,
                 max_keepalive_connections=options.max_connections,
             ),
-            verify=_ssl_verify(options.verify),
+            verify=verify,
+            transport=transport,
         )
         self._passthrough = self.upstream_model == self.public_model
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import certifi
@@ -31,7 +32,9 @@ from app.protocol import (
     StreamItem,
 )
 from backends.base import BackendSpec, build_backend
+from backends.http_transport import PooledTransport
 from backends.openai_http import OpenAIHTTPBackend
+from tests.serving import serve
 
 BASE = "http://upstream.test/v1"
 PUBLIC = "pub"
@@ -42,10 +45,14 @@ Factory = Callable[..., OpenAIHTTPBackend]
 
 @pytest.fixture
 async def make_backend() -> AsyncIterator[Factory]:
-    """Build backends for the public id `pub` at BASE; all are closed after the test."""
+    """Build backends for the public id `pub` at BASE; all are closed after the test.
+
+    They use httpx's own transport, the only one respx intercepts.
+    """
     built: list[OpenAIHTTPBackend] = []
 
     def build(target: str = BASE, timeout_s: float = 5.0, **options: Any) -> OpenAIHTTPBackend:
+        options.setdefault("transport", "httpx")
         model = ModelConfig(id=PUBLIC, backend=target, options=options)
         backend = OpenAIHTTPBackend(
             BackendSpec(model=model, scheme="http", target=target, timeout_s=timeout_s)
@@ -1014,3 +1021,37 @@ async def test_stream_cut_before_done_raises(
         await drain(make_backend().stream_chat(chat_request(stream=True)), got)
 
     assert len(got) == 1
+
+
+# ---- the default transport, against a real upstream process
+
+
+@pytest.mark.slow
+async def test_default_pooled_transport_against_a_real_upstream(tmp_path: Path) -> None:
+    config = {"models": [{"id": "up", "backend": "mock:", "options": {"reply": "a b c"}}]}
+    with serve(config, tmp_path) as upstream_server:
+        url = upstream_server.base_url
+        model = ModelConfig(id=PUBLIC, backend=url, options={"upstream_model": "up"})
+        backend = OpenAIHTTPBackend(
+            BackendSpec(model=model, scheme="http", target=url, timeout_s=10)
+        )
+        try:
+            assert isinstance(backend._client._transport, PooledTransport)
+            for _ in range(3):
+                reply = await backend.chat(chat_request())
+                assert reply.choices[0].message.content == "a b c"
+                assert reply.model == PUBLIC
+            chunks = await collect(backend.stream_chat(chat_request(stream=True)))
+            text = "".join(
+                c.choices[0].delta.content or ""
+                for c in chunks
+                if isinstance(c, ChatCompletionChunk)
+                and c.choices
+                and isinstance(c.choices[0].delta.content, str)
+            )
+            assert text == "a b c"
+            embedded = await backend.embed(embedding_request())
+            assert embedded.model == PUBLIC
+            assert await backend.health()
+        finally:
+            await backend.aclose()
