@@ -16,6 +16,8 @@ import socket
 import sys
 from collections.abc import Sequence
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from app import __version__
 from app.config import LOOPBACK_HOSTS, Config, ConfigError, load_config
 from app.gateway import Gateway
@@ -33,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="override model_server.port (0: any free port)")
     check = sub.add_parser("check", help="validate the config and load every backend")
     check.add_argument("--config", default="clawbot.json", help="path to clawbot.json")
+    db = sub.add_parser("db", help="database schema")
+    db.add_argument("action", choices=["upgrade", "current"], help="migrate to the newest schema")
+    db.add_argument("--config", default="clawbot.json", help="path to clawbot.json")
     return parser
 
 
@@ -152,11 +157,37 @@ def check(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def db(args: argparse.Namespace) -> int:
+    """`clawbot db upgrade` applies pending migrations; `current` prints the revision."""
+    from app.storage.database import Database, head_revision
+
+    config = load_config(args.config)
+    database = Database(config.database.url)
+
+    async def run() -> str | None:
+        try:
+            if args.action == "upgrade":
+                return await database.upgrade()
+            return await database.revision()
+        finally:
+            await database.aclose()
+
+    try:
+        revision = asyncio.run(run())
+    except (OSError, SQLAlchemyError) as exc:
+        print(f"clawbot: database {database.url} failed: {exc}", file=sys.stderr)
+        return 1
+    head = head_revision()
+    state = "up to date" if revision == head else f"behind (newest is {head})"
+    print(f"{database.url}: revision {revision or 'none'}, {state}")
+    return 0 if revision == head or args.action == "current" else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `clawbot` console script."""
     args = _parser().parse_args(argv)
     try:
-        return {"serve": serve, "check": check}[args.command](args)
+        return {"serve": serve, "check": check, "db": db}[args.command](args)
     except ConfigError as exc:
         print(f"clawbot: config error: {exc}", file=sys.stderr)
         return 2

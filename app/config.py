@@ -58,6 +58,14 @@ class Logging(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Log file; empty logs to stderr."""
 
 
+class DatabaseSettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Where keys and the audit log live."""
+
+    url: str = "sqlite+aiosqlite:///clawbot.db"
+    """SQLAlchemy URL: `sqlite+aiosqlite:///path.db` (relative to clawbot.json's folder) or
+    `postgresql+asyncpg://user@host/db`. The schema is migrated at start-up."""
+
+
 class SamplingDefaults(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Per-model defaults applied where a request leaves a parameter unset."""
 
@@ -105,6 +113,8 @@ class Config(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Credentials."""
     logging: Logging = Logging()
     """Logging settings."""
+    database: DatabaseSettings = DatabaseSettings()
+    """Database settings."""
     models: tuple[ModelConfig, ...] = ()
     """Served models; at least one."""
 
@@ -157,12 +167,26 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
     except OSError as exc:
         raise ConfigError(f"cannot read config file {file}: {exc.strerror}") from exc
     config = parse_config(raw, source=str(file))
+    config = _anchor_sqlite_path(config, file.resolve().parent)
     api_key = environ.get("CLAWBOT_API_KEY")
     if api_key:
         config = msgspec.structs.replace(
             config, auth=msgspec.structs.replace(config.auth, api_key=api_key)
         )
     return config
+
+
+def _anchor_sqlite_path(config: Config, folder: Path) -> Config:
+    """A relative SQLite path means next to clawbot.json, not wherever the process started."""
+    prefix, sep, path = config.database.url.partition(":///")
+    if not sep or not prefix.startswith("sqlite") or not path or path.startswith("/"):
+        return config
+    if path == ":memory:" or path.startswith("file:"):
+        return config
+    url = f"{prefix}:///{folder / path}"
+    return msgspec.structs.replace(
+        config, database=msgspec.structs.replace(config.database, url=url)
+    )
 
 
 def _check(config: Config, source: str) -> None:

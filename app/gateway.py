@@ -15,6 +15,7 @@ from app.config import Config, ModelConfig
 from app.context import RequestContext, credential_of
 from app.edge import request_id_of
 from app.errors import ModelNotFound
+from app.storage.database import Database
 from backends.base import Backend, BackendFactory, build_backend
 from policies.base import Policy
 from policies.master_key import MasterKeyPolicy
@@ -39,6 +40,7 @@ class Gateway:
     config: Config
     models: tuple[ServedModel, ...]
     policies: tuple[Policy, ...]
+    db: Database
     names: dict[str, ServedModel] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -69,10 +71,12 @@ class Gateway:
         if config.auth.api_key:
             policies.append(MasterKeyPolicy(config.auth.api_key))
         policies.extend(extra_policies)
-        return cls(config=config, models=models, policies=tuple(policies))
+        db = Database(config.database.url)
+        return cls(config=config, models=models, policies=tuple(policies), db=db)
 
     async def start(self) -> None:
-        """Start every backend; a model that fails to load stops start-up."""
+        """Migrate the database, then start every backend; any failure stops start-up."""
+        await self.db.upgrade()
         for served in self.models:
             started = time.perf_counter()
             await served.backend.start()
@@ -89,6 +93,7 @@ class Gateway:
         results = await asyncio.gather(
             *(served.backend.aclose() for served in self.models), return_exceptions=True
         )
+        await self.db.aclose()
         for served, result in zip(self.models, results, strict=True):
             served.ready = False
             if isinstance(result, BaseException):

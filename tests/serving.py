@@ -63,6 +63,7 @@ def serve(
 ) -> Iterator[Server]:
     """Start `clawbot serve` on `config` (port forced to 0), yield it once models are loaded."""
     config = {**config, "model_server": {**config.get("model_server", {}), "port": 0}}
+    config.setdefault("database", {"url": "sqlite+aiosqlite:///clawbot.db"})  # in workdir
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "clawbot.json"
     config_path.write_text(json.dumps(config))

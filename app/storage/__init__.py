@@ -1,0 +1,1 @@
+"""Persistent storage: SQLAlchemy models, the async engine, and Alembic-owned schema."""

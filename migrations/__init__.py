@@ -1,0 +1,1 @@
+"""Alembic migrations that own clawbot's database schema (shipped inside the package)."""
