@@ -35,6 +35,8 @@ class ApiKey(Base):
     budget_period_tokens: Mapped[int | None] = mapped_column(BigInteger)
     budget_period: Mapped[str | None] = mapped_column(String(16))
     """"day" or "month" for `budget_period_tokens`."""
+    spent_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    """Tokens used so far, added by the audit writer's batches (never per request)."""
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -32,6 +32,7 @@ def upgrade() -> None:
         sa.Column("budget_total_tokens", sa.BigInteger()),
         sa.Column("budget_period_tokens", sa.BigInteger()),
         sa.Column("budget_period", sa.String(16)),
+        sa.Column("spent_tokens", sa.BigInteger(), nullable=False, server_default="0"),
         sa.Column("expires_at", sa.DateTime(timezone=True)),
         sa.Column("revoked", sa.Boolean(), nullable=False, server_default=sa.false()),
         sa.Column("revoked_at", sa.DateTime(timezone=True)),
