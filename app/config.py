@@ -47,6 +47,10 @@ class Auth(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Master key, accepted as `Authorization: Bearer` or `x-api-key`; empty disables auth."""
     token_ttl: PositiveInt = 3600
     """Lifetime of short-lived tokens, in seconds."""
+    token_secret: str = ""
+    """Signs short-lived tokens; empty derives it from `api_key`. Env: `CLAWBOT_TOKEN_SECRET`."""
+    key_cache_poll_s: Annotated[float, Meta(gt=0)] = 5.0
+    """How often the key cache reads changes made by other replicas (their bounded staleness)."""
 
 
 class Logging(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -64,6 +68,39 @@ class DatabaseSettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     url: str = "sqlite+aiosqlite:///clawbot.db"
     """SQLAlchemy URL: `sqlite+aiosqlite:///path.db` (relative to clawbot.json's folder) or
     `postgresql+asyncpg://user@host/db`. The schema is migrated at start-up."""
+
+
+class LimitSettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Request, token and concurrency limits (per key ones live on the keys)."""
+
+    requests_per_minute: PositiveInt | None = None
+    """Limit for this model across all keys."""
+    tokens_per_minute: PositiveInt | None = None
+    """Token limit for this model across all keys."""
+    max_parallel: PositiveInt | None = None
+    """Concurrent requests to this model across all keys."""
+
+
+class RateLimiting(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Where rate-limit counters live and what happens when that store is down."""
+
+    storage: str = "memory://"
+    """A `limits` storage URI: `memory://` (one process) or `redis://host:6379/0` (replicas)."""
+    on_storage_error: Literal["open", "closed"] = "open"
+    """`open` admits (and counts the failure); `closed` answers 503."""
+
+
+class AuditSettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The audit log: one row per API request, written in batches off the request path."""
+
+    enabled: bool = True
+    """Write audit rows."""
+    bodies: bool = False
+    """Also store request and response bodies (off: never stored)."""
+    max_queue: PositiveInt = 10_000
+    """Rows waiting for the writer; beyond it rows are dropped, counted and logged."""
+    batch_size: PositiveInt = 500
+    """Rows per insert."""
 
 
 class SamplingDefaults(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -102,6 +139,8 @@ class ModelConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True)
     """Sampling defaults for requests that leave them unset."""
     options: dict[str, Any] = {}
     """Backend-specific options (validated by the backend)."""
+    limits: LimitSettings = LimitSettings()
+    """Global limits of this model, over all keys."""
 
 
 class Config(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -115,6 +154,10 @@ class Config(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Logging settings."""
     database: DatabaseSettings = DatabaseSettings()
     """Database settings."""
+    rate_limits: RateLimiting = RateLimiting()
+    """Rate-limit storage."""
+    audit: AuditSettings = AuditSettings()
+    """Audit log settings."""
     models: tuple[ModelConfig, ...] = ()
     """Served models; at least one."""
 
@@ -168,10 +211,17 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
         raise ConfigError(f"cannot read config file {file}: {exc.strerror}") from exc
     config = parse_config(raw, source=str(file))
     config = _anchor_sqlite_path(config, file.resolve().parent)
-    api_key = environ.get("CLAWBOT_API_KEY")
-    if api_key:
+    overrides = {
+        field: environ[name]
+        for field, name in (
+            ("api_key", "CLAWBOT_API_KEY"),
+            ("token_secret", "CLAWBOT_TOKEN_SECRET"),
+        )
+        if environ.get(name)
+    }
+    if overrides:
         config = msgspec.structs.replace(
-            config, auth=msgspec.structs.replace(config.auth, api_key=api_key)
+            config, auth=msgspec.structs.replace(config.auth, **overrides)
         )
     return config
 

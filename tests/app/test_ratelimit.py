@@ -1,0 +1,324 @@
+"""The rate limiter: one contract suite over every storage, plus failure modes and replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from app.errors import RateLimited, ServiceUnavailable
+from app.ratelimit import Limits, RateLimiter, format_duration
+
+REDIS_URI = "redis://127.0.0.1:6379/9"
+STORAGES = ["memory://", REDIS_URI]
+DURATION = re.compile(r"^(\d+h)?(\d+m)?(\d+(\.\d+)?s|\d+ms)$")
+
+LimiterFactory = Callable[..., RateLimiter]
+
+
+def require_redis() -> None:
+    """Skip when no Redis listens locally; fail instead when running in CI."""
+    try:
+        socket.create_connection(("127.0.0.1", 6379), timeout=0.5).close()
+    except OSError as exc:
+        reason = f"Redis not reachable on 127.0.0.1:6379 ({exc})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+@pytest.fixture(params=STORAGES, ids=["memory", "redis"])
+async def make_limiter(request: pytest.FixtureRequest) -> AsyncIterator[LimiterFactory]:
+    """Build limiters on one storage, under a key prefix unique to the test; cleaned up after."""
+    uri: str = request.param
+    if uri.startswith("redis"):
+        require_redis()
+    elif time.time() % 60 > 58:
+        # memory:// windows are aligned to the clock's minutes; don't straddle one.
+        await asyncio.sleep(60 - time.time() % 60 + 0.05)
+    prefix = f"test-{uuid.uuid4().hex}"
+    built: list[RateLimiter] = []
+
+    def build(**options: Any) -> RateLimiter:
+        limiter = RateLimiter(uri, key_prefix=prefix, **options)
+        built.append(limiter)
+        return limiter
+
+    yield build
+    for limiter in built:
+        await limiter._storage.reset()
+        await limiter.aclose()
+
+
+async def test_rpm_is_exact(make_limiter: LimiterFactory) -> None:
+    limiter = make_limiter()
+    for _ in range(5):
+        await limiter.admit("key:a", Limits(requests_per_minute=5), 10)
+    with pytest.raises(RateLimited) as refused:
+        await limiter.admit("key:a", Limits(requests_per_minute=5), 10)
+    assert refused.value.retry_after is not None
+    assert 0 < refused.value.retry_after <= 60
+    assert "requests per minute" in refused.value.message
+    assert "5" in refused.value.message
+    assert refused.value.status_code == 429
+    assert refused.value.code == "rate_limit_exceeded"
+    await limiter.admit("key:b", Limits(requests_per_minute=5), 10)
+
+
+async def test_tpm_charges_the_estimate(make_limiter: LimiterFactory) -> None:
+    limiter = make_limiter()
+    tpm = Limits(tokens_per_minute=100)
+    await limiter.admit("key:a", tpm, 60)
+    with pytest.raises(RateLimited, match="tokens per minute") as refused:
+        await limiter.admit("key:a", tpm, 50)
+    assert "100" in refused.value.message
+    assert refused.value.retry_after is not None
+    assert 0 < refused.value.retry_after <= 120
+    await limiter.admit("key:a", tpm, 40)
+    with pytest.raises(RateLimited):
+        await limiter.admit("key:a", tpm, 1)
+
+
+async def test_estimate_over_the_limit_never_fits(make_limiter: LimiterFactory) -> None:
+    limiter = make_limiter()
+    with pytest.raises(RateLimited, match="never fit") as refused:
+        await limiter.admit("key:a", Limits(tokens_per_minute=100), 101)
+    assert refused.value.retry_after is None
+
+
+async def test_parallel_slots(make_limiter: LimiterFactory) -> None:
+    limiter = make_limiter()
+    two = Limits(max_parallel=2)
+    first = await limiter.admit("key:a", two, 1)
+    await limiter.admit("key:a", two, 1)
+    with pytest.raises(RateLimited, match="parallel requests") as refused:
+        await limiter.admit("key:a", two, 1)
+    assert "2" in refused.value.message
+    await first.release()
+    await first.release()  # idempotent: frees one slot, not two
+    await limiter.admit("key:a", two, 1)
+    with pytest.raises(RateLimited):
+        await limiter.admit("key:a", two, 1)
+
+
+async def test_refusal_consumes_nothing(make_limiter: LimiterFactory) -> None:
+    limiter = make_limiter()
+    both = Limits(requests_per_minute=3, tokens_per_minute=100, max_parallel=1)
+    first = await limiter.admit("key:a", both, 90)
+    await first.release(90)
+    with pytest.raises(RateLimited, match="tokens per minute"):
+        await limiter.admit("key:a", both, 20)
+    # Neither the request window nor the parallel slot was taken by the refusal.
+    second = await limiter.admit("key:a", both, 10)
+    assert second.headers()["x-ratelimit-remaining-requests"] == "1"
+    assert second.headers()["x-ratelimit-remaining-tokens"] == "0"
+
+
+async def test_headers(make_limiter: LimiterFactory) -> None:
+    limiter = make_limiter()
+    admission = await limiter.admit(
+        "key:a", Limits(requests_per_minute=10, tokens_per_minute=1000), 100
+    )
+    headers = admission.headers()
+    assert set(headers) == {
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset-requests",
+        "x-ratelimit-limit-tokens",
+        "x-ratelimit-remaining-tokens",
+        "x-ratelimit-reset-tokens",
+    }
+    assert headers["x-ratelimit-limit-requests"] == "10"
+    assert headers["x-ratelimit-remaining-requests"] == "9"
+    assert headers["x-ratelimit-limit-tokens"] == "1000"
+    assert headers["x-ratelimit-remaining-tokens"] == "900"
+    assert DURATION.match(headers["x-ratelimit-reset-requests"])
+    assert DURATION.match(headers["x-ratelimit-reset-tokens"])
+    only_rpm = await limiter.admit("key:b", Limits(requests_per_minute=10), 100)
+    assert set(only_rpm.headers()) == {
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset-requests",
+    }
+    unlimited = await limiter.admit("key:c", Limits(), 100)
+    assert unlimited.headers() == {}
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0, "0s"),
+        (0.02, "20ms"),
+        (0.0201, "21ms"),
+        (1, "1s"),
+        (1.5, "1.5s"),
+        (59.999, "59.999s"),
+        (90.5, "1m30.5s"),
+        (360, "6m0s"),
+        (3600, "1h0m0s"),
+    ],
+)
+def test_format_duration(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+
+
+async def test_release_corrects_tokens(make_limiter: LimiterFactory) -> None:
+    limiter = make_limiter()
+    tpm = Limits(tokens_per_minute=100)
+    over = await limiter.admit("key:a", tpm, 50)
+    await over.release(80)  # used more than estimated: the extra 30 is charged
+    probe = await limiter.admit("key:a", tpm, 1)
+    assert probe.headers()["x-ratelimit-remaining-tokens"] == "19"
+    await probe.release(0)  # used less: refunded
+    under = await limiter.admit("key:b", tpm, 50)
+    await under.release(10)
+    probe = await limiter.admit("key:b", tpm, 1)
+    assert probe.headers()["x-ratelimit-remaining-tokens"] == "89"
+    kept = await limiter.admit("key:c", tpm, 50)
+    await kept.release()  # no usage known: the estimate stands
+    probe = await limiter.admit("key:c", tpm, 1)
+    assert probe.headers()["x-ratelimit-remaining-tokens"] == "49"
+
+
+async def test_admit_all_is_all_or_nothing(make_limiter: LimiterFactory) -> None:
+    limiter = make_limiter()
+    key = ("key:a", Limits(requests_per_minute=10, tokens_per_minute=1000, max_parallel=5))
+    model = ("model:m", Limits(requests_per_minute=1))
+    admission = await limiter.admit_all([key, model], 100)
+    assert admission.headers()["x-ratelimit-remaining-requests"] == "0"  # the tightest one
+    with pytest.raises(RateLimited, match="model:m"):
+        await limiter.admit_all([key, model], 100)
+    after = await limiter.admit(*key, 100)
+    assert after.headers()["x-ratelimit-remaining-requests"] == "8"
+    assert after.headers()["x-ratelimit-remaining-tokens"] == "800"
+
+
+async def test_storage_down_fails_open(caplog: pytest.LogCaptureFixture) -> None:
+    limiter = RateLimiter("redis://127.0.0.1:1/0", on_storage_error="open")
+    try:
+        started = time.monotonic()
+        admission = await limiter.admit("key:a", Limits(requests_per_minute=1, max_parallel=1), 5)
+        await limiter.admit("key:a", Limits(requests_per_minute=1, max_parallel=1), 5)
+        await admission.release(10)
+        assert time.monotonic() - started < 3
+        assert admission.headers() == {}
+        assert limiter.storage_failures >= 2
+        warnings = [r for r in caplog.records if r.name == "clawbot.ratelimit"]
+        assert len(warnings) == 1  # at most one per warn_interval
+        assert warnings[0].levelname == "WARNING"
+    finally:
+        await limiter.aclose()
+
+
+async def test_storage_down_fails_closed() -> None:
+    limiter = RateLimiter("redis://127.0.0.1:1/0", on_storage_error="closed")
+    try:
+        started = time.monotonic()
+        with pytest.raises(ServiceUnavailable) as refused:
+            await limiter.admit("key:a", Limits(requests_per_minute=1), 5)
+        assert time.monotonic() - started < 3
+        assert refused.value.status_code == 503
+        assert refused.value.code == "rate_limit_storage_unavailable"
+        assert refused.value.retry_after == 1
+        assert limiter.storage_failures == 1
+    finally:
+        await limiter.aclose()
+
+
+@pytest.mark.parametrize("mode", ["open", "closed"])
+async def test_hanging_storage_times_out(mode: str) -> None:
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        limiter = RateLimiter(f"redis://127.0.0.1:{port}/0", on_storage_error=mode, timeout=0.25)
+        try:
+            started = time.monotonic()
+            if mode == "open":
+                await limiter.admit("key:a", Limits(requests_per_minute=1), 5)
+            else:
+                with pytest.raises(ServiceUnavailable):
+                    await limiter.admit("key:a", Limits(requests_per_minute=1), 5)
+            assert time.monotonic() - started < 3
+            assert limiter.storage_failures == 1
+        finally:
+            await limiter.aclose()
+
+
+async def test_redis_slot_of_a_dead_holder_expires() -> None:
+    require_redis()
+    prefix = f"test-{uuid.uuid4().hex}"
+    limiter = RateLimiter(REDIS_URI, key_prefix=prefix, slot_ttl=0.3)
+    try:
+        await limiter.admit("key:a", Limits(max_parallel=1), 1)  # never released
+        with pytest.raises(RateLimited):
+            await limiter.admit("key:a", Limits(max_parallel=1), 1)
+        await asyncio.sleep(0.4)
+        await limiter.admit("key:a", Limits(max_parallel=1), 1)
+    finally:
+        await limiter._storage.reset()
+        await limiter.aclose()
+
+
+REPLICA = textwrap.dedent(
+    """
+    import asyncio, sys
+    from app.errors import RateLimited
+    from app.ratelimit import Limits, RateLimiter
+
+    async def main() -> None:
+        limiter = RateLimiter(sys.argv[1], key_prefix=sys.argv[2])
+        sys.stdin.readline()  # start together
+
+        async def one() -> bool:
+            try:
+                await limiter.admit("key:shared", Limits(requests_per_minute=50), 1)
+            except RateLimited:
+                return False
+            return True
+
+        results = await asyncio.gather(*(one() for _ in range(100)))
+        await limiter.aclose()
+        print(sum(results))
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_replicas_admit_exactly_the_limit() -> None:
+    require_redis()
+    prefix = f"test-{uuid.uuid4().hex}"
+    replicas = [
+        subprocess.Popen(
+            [sys.executable, "-c", REPLICA, REDIS_URI, prefix],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    time.sleep(0.5)
+    outputs = [p.communicate("go\n", timeout=60)[0] for p in replicas]
+    assert all(p.returncode == 0 for p in replicas)
+    admitted = [int(out.strip()) for out in outputs]
+    assert sum(admitted) == 50, admitted
+    cleanup = subprocess.run(
+        ["redis-cli", "-n", "9", "--scan", "--pattern", f"{prefix}:*"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    for key in cleanup.stdout.split():
+        subprocess.run(["redis-cli", "-n", "9", "del", key], capture_output=True, check=False)
