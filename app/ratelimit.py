@@ -25,7 +25,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from limits import RateLimitItem, RateLimitItemPerMinute
+from limits import (
+    RateLimitItem,
+    RateLimitItemPerDay,
+    RateLimitItemPerMinute,
+    RateLimitItemPerMonth,
+)
 from limits.aio.storage import MemoryStorage, RedisStorage
 from limits.aio.storage.redis.coredis import CoredisBridge
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
@@ -65,11 +70,14 @@ class Limits:
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
     max_parallel: int | None = None
+    tokens_per_period: int | None = None
+    """A token budget per calendar-ish `period` (a day or a month long window)."""
+    period: Literal["day", "month"] | None = None
 
 
 @dataclass(slots=True)
 class _Window:
-    kind: Literal["requests", "tokens"]
+    kind: Literal["requests", "tokens", "budget"]
     subject: str
     item: RateLimitItem
     cost: int
@@ -121,7 +129,7 @@ class Admission:
         if self._released:
             return
         self._released = True
-        token_windows = [w for w in self._windows if w.kind == "tokens"]
+        token_windows = [w for w in self._windows if w.kind in ("tokens", "budget")]
         await self._limiter._finish(
             self._slots,
             token_windows,
@@ -177,6 +185,7 @@ class RateLimiter:
         cost = max(1, tokens_estimate)
         windows: list[_Window] = []
         parallel: list[tuple[str, int]] = []
+        item: RateLimitItem
         for subject, limits in subjects_and_limits:
             if limits.requests_per_minute is not None:
                 item = RateLimitItemPerMinute(limits.requests_per_minute, namespace="requests")
@@ -186,6 +195,10 @@ class RateLimiter:
                 windows.append(_Window("tokens", subject, item, cost))
             if limits.max_parallel is not None:
                 parallel.append((subject, limits.max_parallel))
+            if limits.tokens_per_period is not None and limits.period is not None:
+                per = RateLimitItemPerDay if limits.period == "day" else RateLimitItemPerMonth
+                item = per(limits.tokens_per_period, namespace=f"budget-{limits.period}")
+                windows.append(_Window("budget", subject, item, cost))
         for w in windows:
             if w.cost > w.item.amount:
                 raise RateLimited(
@@ -359,6 +372,13 @@ def _label(kind: str) -> str:
 
 
 def _refusal(w: _Window, wait: float) -> RateLimited:
+    if w.kind == "budget":
+        period = w.item.GRANULARITY.name
+        return RateLimited(
+            f"token budget of {w.item.amount} per {period} used up for {w.subject}",
+            code="insufficient_quota",
+            retry_after=math.ceil(wait),
+        )
     return RateLimited(
         f"rate limit reached for {w.subject}: {w.item.amount} {_label(w.kind)}",
         retry_after=math.ceil(wait * 1000) / 1000,

@@ -322,3 +322,18 @@ def test_two_replicas_admit_exactly_the_limit() -> None:
     )
     for key in cleanup.stdout.split():
         subprocess.run(["redis-cli", "-n", "9", "del", key], capture_output=True, check=False)
+
+
+async def test_period_token_budget(make_limiter: LimiterFactory) -> None:
+    limiter = make_limiter()
+    budget = Limits(tokens_per_period=100, period="day")
+    admission = await limiter.admit("key:b", budget, 60)
+    await admission.release(60)
+    with pytest.raises(RateLimited) as info:
+        await limiter.admit("key:b", budget, 50)
+    assert info.value.code == "insufficient_quota"
+    assert "per day" in info.value.message
+    assert info.value.retry_after is not None
+    assert info.value.retry_after > 0
+    assert "x-ratelimit-limit-tokens" not in admission.headers()
+    await (await limiter.admit("key:b", budget, 40)).release(40)
