@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from app.keys import KeyRecord
 
 
 @dataclass(slots=True)
@@ -18,8 +22,13 @@ class RequestContext:
     model: str | None = None
     """The public model id the request resolved to."""
     key_id: str | None = None
-    """Id of the authenticated key (never the key itself)."""
+    """Id of the authenticated key (never the key itself); "master" for the master key."""
+    key: KeyRecord | None = None
+    """The authenticated key's record (None for the master key or with auth off)."""
     token_estimate: int = 0
+    """Tokens this request is expected to use, for token limits (0 until estimated)."""
+    estimate_tokens: Callable[[], int] | None = None
+    """Computes `token_estimate` on demand: tokenizing costs, so only limits that need it ask."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 

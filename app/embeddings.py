@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from litestar import Request, Response, post
 from litestar.di import NamedDependency
 
+from app.accounting import exchange_for
 from app.bodies import decode_body
 from app.gateway import Gateway
 from app.params import prepare_embedding
 from app.protocol import EmbeddingRequest
 from app.responses import json_response
+from app.tokens import estimate_embedding
 
 
 @post("/v1/embeddings", status_code=200)
@@ -20,6 +23,9 @@ async def embeddings(
 ) -> Response[bytes]:
     """Embeddings of a string, strings, or token-id arrays, in input order."""
     req = decode_body(await request.body(), EmbeddingRequest)
-    _, served = await gateway.admit_model(request, req.model)
+    exchange = exchange_for(request.scope)
+    _, served = await gateway.admit_model(request, req.model, partial(estimate_embedding, req))
     req = prepare_embedding(req, served.config, served.backend.capabilities)
-    return json_response(await served.backend.embed(req))
+    result = await served.backend.embed(req)
+    exchange.record_usage(result.usage.prompt_tokens, 0)
+    return json_response(result)

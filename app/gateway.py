@@ -1,24 +1,33 @@
-"""The running gateway: config, served models and the policy chain, built once from config."""
+"""The running gateway: config, served models, storage and the policy chain, built once."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from litestar import Request
 
+from app.accounting import Exchange, exchange_of
+from app.audit import AuditEntry, AuditWriter
 from app.config import Config, ModelConfig
 from app.context import RequestContext, credential_of
 from app.edge import request_id_of
 from app.errors import ModelNotFound
+from app.keys import KeyCache, KeyStore, TokenSigner, token_secret
+from app.ratelimit import Admission, Limits, RateLimiter
 from app.storage.database import Database
 from backends.base import Backend, BackendFactory, build_backend
+from policies.api_key import ApiKeyPolicy
 from policies.base import Policy
-from policies.master_key import MasterKeyPolicy
+from policies.budget import BudgetPolicy
+from policies.model_access import ModelAccessPolicy
+from policies.rate_limit import RateLimitPolicy
 
 log = logging.getLogger("clawbot.gateway")
 
@@ -32,6 +41,27 @@ class ServedModel:
     created: int
     ready: bool = False
 
+    @property
+    def backend_label(self) -> str:
+        """The backend spec without credentials, for the audit log."""
+        parts = urlsplit(self.config.backend)
+        if parts.password is None and parts.username is None:
+            return self.config.backend
+        host = parts.hostname or ""
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _limits(
+    requests_per_minute: int | None,
+    tokens_per_minute: int | None,
+    max_parallel: int | None,
+    tokens_per_period: int | None = None,
+    period: Any = None,
+) -> Limits | None:
+    limits = Limits(requests_per_minute, tokens_per_minute, max_parallel, tokens_per_period, period)
+    return limits if limits != Limits() else None
+
 
 @dataclass(slots=True)
 class Gateway:
@@ -39,8 +69,13 @@ class Gateway:
 
     config: Config
     models: tuple[ServedModel, ...]
-    policies: tuple[Policy, ...]
     db: Database
+    keys: KeyStore
+    key_cache: KeyCache
+    signer: TokenSigner
+    limiter: RateLimiter
+    audit: AuditWriter | None
+    policies: tuple[Policy, ...] = ()
     names: dict[str, ServedModel] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -56,7 +91,7 @@ class Gateway:
         factories: dict[str, BackendFactory] | None = None,
         extra_policies: Sequence[Policy] = (),
     ) -> Gateway:
-        """Build backends (no weights loaded yet) and the policy chain; ConfigError if invalid."""
+        """Build backends (no weights loaded yet), storage and policies; ConfigError if invalid."""
         timeout_s = config.model_server.timeout / 1000
         created = int(time.time())
         models = tuple(
@@ -67,16 +102,48 @@ class Gateway:
             )
             for i, model in enumerate(config.models)
         )
+        db = Database(config.database.url)
+        keys = KeyStore(db)
+        gateway = cls(
+            config=config,
+            models=models,
+            db=db,
+            keys=keys,
+            key_cache=KeyCache(keys, poll_interval_s=config.auth.key_cache_poll_s),
+            signer=TokenSigner(
+                token_secret(config.auth.api_key, config.auth.token_secret or None),
+                config.auth.token_ttl,
+            ),
+            limiter=RateLimiter(
+                config.rate_limits.storage, on_storage_error=config.rate_limits.on_storage_error
+            ),
+            audit=(
+                AuditWriter(
+                    db, max_queue=config.audit.max_queue, batch_size=config.audit.batch_size
+                )
+                if config.audit.enabled
+                else None
+            ),
+        )
         policies: list[Policy] = []
         if config.auth.api_key:
-            policies.append(MasterKeyPolicy(config.auth.api_key))
+            canonical = {name: served.config.id for name, served in gateway.names.items()}
+            policies += [
+                ApiKeyPolicy(config.auth.api_key, gateway.key_cache, gateway.signer),
+                ModelAccessPolicy(canonical),
+                BudgetPolicy(),
+            ]
+        policies.append(RateLimitPolicy(gateway.limiter, gateway.limits_for))
         policies.extend(extra_policies)
-        db = Database(config.database.url)
-        return cls(config=config, models=models, policies=tuple(policies), db=db)
+        gateway.policies = tuple(policies)
+        return gateway
 
     async def start(self) -> None:
-        """Migrate the database, then start every backend; any failure stops start-up."""
+        """Migrate the database, load keys, start the writer and every backend."""
         await self.db.upgrade()
+        await self.key_cache.start()
+        if self.audit is not None:
+            self.audit.start()
         for served in self.models:
             started = time.perf_counter()
             await served.backend.start()
@@ -89,15 +156,21 @@ class Gateway:
             )
 
     async def aclose(self) -> None:
-        """Close every backend, even when some fail to close."""
+        """Flush the audit log, close backends, the limiter and the database."""
+        if self.audit is not None:
+            await self.audit.aclose()
         results = await asyncio.gather(
-            *(served.backend.aclose() for served in self.models), return_exceptions=True
+            *(served.backend.aclose() for served in self.models),
+            self.key_cache.aclose(),
+            self.limiter.aclose(),
+            return_exceptions=True,
         )
         await self.db.aclose()
-        for served, result in zip(self.models, results, strict=True):
+        for served in self.models:
             served.ready = False
+        for result in results:
             if isinstance(result, BaseException):
-                log.warning("closing %s failed: %r", served.config.id, result)
+                log.warning("closing failed: %r", result)
 
     def resolve(self, name: str) -> ServedModel:
         """The model with this id or alias, or 404 model_not_found."""
@@ -109,16 +182,53 @@ class Gateway:
             )
         return served
 
+    def limits_for(self, ctx: RequestContext) -> list[tuple[str, Limits]]:
+        """The key's and the model's limits; estimates tokens only if a token limit applies."""
+        subjects: list[tuple[str, Limits]] = []
+        key = ctx.key
+        if key is not None:
+            limits = _limits(
+                key.requests_per_minute,
+                key.tokens_per_minute,
+                key.max_parallel,
+                key.budget_period_tokens,
+                key.budget_period,
+            )
+            if limits is not None:
+                subjects.append((f"key:{key.id}", limits))
+        served = self.names.get(ctx.model) if ctx.model else None
+        if served is not None:
+            m = served.config.limits
+            limits = _limits(m.requests_per_minute, m.tokens_per_minute, m.max_parallel)
+            if limits is not None:
+                subjects.append((f"model:{served.config.id}", limits))
+        needs_tokens = any(
+            limits.tokens_per_minute is not None or limits.tokens_per_period is not None
+            for _, limits in subjects
+        )
+        if needs_tokens and ctx.estimate_tokens is not None:
+            ctx.token_estimate = ctx.estimate_tokens()
+        return subjects
+
     async def admit_model(
-        self, request: Request[Any, Any, Any], model: str
+        self,
+        request: Request[Any, Any, Any],
+        model: str,
+        estimate: Callable[[], int] | None = None,
     ) -> tuple[RequestContext, ServedModel]:
         """`admit` for a request naming a model; returns the resolved model too."""
-        ctx, served = await self.admit(request, model)
+        ctx, served = await self.admit(request, model, estimate)
         assert served is not None  # admit raised ModelNotFound otherwise
+        exchange = exchange_of(request.scope)
+        if exchange is not None:
+            exchange.backend = served.backend_label
         return ctx, served
 
     async def admit(
-        self, request: Request[Any, Any, Any], model: str | None = None
+        self,
+        request: Request[Any, Any, Any],
+        model: str | None = None,
+        estimate: Callable[[], int] | None = None,
     ) -> tuple[RequestContext, ServedModel | None]:
         """Run the policy chain on a request; then an unknown model is a 404.
 
@@ -133,9 +243,63 @@ class Gateway:
             route=request.scope["path"],
             credential=credential_of(request.headers),
             model=served.config.id if served else model,
+            estimate_tokens=estimate,
         )
+        exchange = exchange_of(request.scope)
+        if exchange is not None:
+            exchange.ctx = ctx
         for policy in self.policies:
             await policy.check(ctx)
+        admission = ctx.extra.get("rate_limit")
+        if exchange is not None and isinstance(admission, Admission):
+            exchange.response_headers.update(admission.headers())
+            exchange.on_finish.append(_releaser(admission))
         if model is not None and served is None:
             self.resolve(model)
         return ctx, served
+
+    async def finish(self, exchange: Exchange) -> None:
+        """After the answer: settle rate limits with real usage, then queue the audit row."""
+        for callback in exchange.on_finish:
+            try:
+                await callback(exchange)
+            except Exception:
+                log.exception("finishing request %s failed", exchange.request_id)
+        if self.audit is None or not exchange.audited:
+            return
+        ctx = exchange.ctx
+        bodies = self.config.audit.bodies
+        self.audit.submit(
+            AuditEntry(
+                request_id=exchange.request_id,
+                ts=datetime.now(UTC),
+                key_id=ctx.key_id if ctx else None,
+                client_ip=exchange.client_ip,
+                route=exchange.route,
+                model=ctx.model if ctx else None,
+                backend=exchange.backend,
+                status=exchange.status,
+                error_type=exchange.error_type,
+                latency_ms=round(exchange.latency_ms, 3),
+                ttft_ms=None if exchange.ttft_ms is None else round(exchange.ttft_ms, 3),
+                prompt_tokens=exchange.prompt_tokens,
+                completion_tokens=exchange.completion_tokens,
+                stream=exchange.stream,
+                request_body=_text(exchange.request_body) if bodies else None,
+                response_body=_text(exchange.response_body) if bodies else None,
+            )
+        )
+
+
+def _releaser(admission: Admission) -> Callable[[Exchange], Any]:
+    async def release(exchange: Exchange) -> None:
+        used = None
+        if exchange.prompt_tokens is not None or exchange.completion_tokens is not None:
+            used = (exchange.prompt_tokens or 0) + (exchange.completion_tokens or 0)
+        await admission.release(used)
+
+    return release
+
+
+def _text(body: bytes | bytearray | None) -> str | None:
+    return None if body is None else bytes(body).decode("utf-8", "replace")

@@ -10,7 +10,8 @@ from litestar import Litestar
 from litestar.datastructures import State
 from litestar.di import Provide
 
-from app import chat, completions, embeddings, health, models
+from app import admin, chat, completions, embeddings, health, models
+from app.accounting import Accounting
 from app.edge import Edge
 from app.gateway import Gateway
 from app.wire_errors import error_response
@@ -46,6 +47,14 @@ def build_litestar(gateway: Gateway, on_ready: Callable[[], None] | None = None)
             models.retrieve_model,
             health.health,
             health.ready,
+            admin.create_key,
+            admin.list_keys,
+            admin.get_key,
+            admin.update_key,
+            admin.revoke_key,
+            admin.rotate_key,
+            admin.usage,
+            admin.issue_token,
         ],
         dependencies={"gateway": Provide(_gateway, sync_to_thread=False)},
         exception_handlers={Exception: error_response},
@@ -59,5 +68,6 @@ def build_litestar(gateway: Gateway, on_ready: Callable[[], None] | None = None)
 
 
 def create_app(gateway: Gateway, on_ready: Callable[[], None] | None = None) -> Edge:
-    """The full ASGI app for `gateway`."""
-    return Edge(build_litestar(gateway, on_ready))
+    """The full ASGI app for `gateway`: edge, then accounting, then the routes."""
+    routes = build_litestar(gateway, on_ready)
+    return Edge(Accounting(routes, gateway.finish, keep_bodies=gateway.config.audit.bodies))

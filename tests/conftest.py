@@ -26,7 +26,14 @@ def make_config(
             {"id": "fixed", "backend": "mock:", "options": {"reply": "one two three four five"}},
             {"id": "broken", "backend": "mock:", "options": {"fail_after_tokens": 2}},
         ]
-    return parse_config({"model_server": server, "auth": {"api_key": api_key}, "models": models})
+    return parse_config(
+        {
+            "model_server": server,
+            "auth": {"api_key": api_key},
+            "database": {"url": "sqlite+aiosqlite://"},  # in memory
+            "models": models,
+        }
+    )
 
 
 ClientFactory = Callable[..., Any]

@@ -1,4 +1,4 @@
-"""Master-key authentication, through the routes and on its own."""
+"""Authentication by the master key, through the routes and on its own."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from litestar.testing import AsyncTestClient
 
 from app.context import RequestContext, credential_of
 from app.errors import AuthenticationFailed
-from policies.master_key import MasterKeyPolicy
+from app.keys import KeyCache, KeyStore, TokenSigner
+from app.storage.database import Database
+from policies.api_key import ApiKeyPolicy
 from tests.conftest import MASTER_KEY, make_config
 
 BODY = {"model": "mock", "messages": [{"role": "user", "content": "x"}]}
@@ -60,12 +62,21 @@ async def test_no_key_configured_means_open(make_client: Any) -> None:
 
 
 async def test_policy_sets_key_id() -> None:
-    ctx = RequestContext(request_id="r", client_ip="127.0.0.1", route="/", credential=MASTER_KEY)
-    await MasterKeyPolicy(MASTER_KEY).check(ctx)
-    assert ctx.key_id == "master"
-    ctx.credential = MASTER_KEY + "x"
-    with pytest.raises(AuthenticationFailed):
-        await MasterKeyPolicy(MASTER_KEY).check(ctx)
+    db = Database("sqlite+aiosqlite://")
+    await db.upgrade()
+    cache = KeyCache(KeyStore(db))
+    policy = ApiKeyPolicy(MASTER_KEY, cache, TokenSigner(b"s" * 32, 60))
+    try:
+        ctx = RequestContext(request_id="r", client_ip="::1", route="/", credential=MASTER_KEY)
+        await policy.check(ctx)
+        assert ctx.key_id == "master"
+        assert ctx.key is None
+        ctx.credential = MASTER_KEY + "x"
+        with pytest.raises(AuthenticationFailed):
+            await policy.check(ctx)
+    finally:
+        await cache.aclose()
+        await db.aclose()
 
 
 def test_credential_of() -> None:

@@ -1,0 +1,155 @@
+"""Per-request bookkeeping that needs the whole exchange: status, timings, usage, headers.
+
+`Accounting` wraps the app below `Edge`. Handlers and policies fill the request's `Exchange`
+as they learn things (the key, the model, the backend, token usage, the rate-limit admission);
+when the response has been sent, or the client has gone, the gateway's `finish` turns it into
+the rate-limit correction and the audit row. Nothing here touches the database.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from litestar.types import ASGIApp, Message, Receive, ReceiveMessage, Scope, Send
+
+from app.edge import request_id_of
+
+if TYPE_CHECKING:
+    from app.context import RequestContext
+
+AUDITED_PREFIXES = ("/v1/", "/admin/")
+"""Routes that get an audit row; probes (/health, /ready) would only drown it."""
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What is learned about one request while it is served."""
+
+    started: float
+    route: str
+    request_id: str = ""
+    client_ip: str | None = None
+    ctx: RequestContext | None = None
+    backend: str | None = None
+    stream: bool = False
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    status: int = 0
+    error_type: str | None = None
+    first_byte_at: float | None = None
+    finished_at: float | None = None
+    request_body: bytes | None = None
+    response_body: bytearray | None = None
+    """Collected only when body logging is enabled."""
+    response_headers: dict[str, str] = field(default_factory=dict)
+    """Added to the response when it starts (rate-limit headers)."""
+    on_finish: list[Callable[[Exchange], Awaitable[None]]] = field(default_factory=list)
+    """Run once the exchange is over (release parallel slots, correct token counts)."""
+
+    @property
+    def audited(self) -> bool:
+        """Whether this route gets an audit row."""
+        return self.route.startswith(AUDITED_PREFIXES)
+
+    @property
+    def latency_ms(self) -> float:
+        """From the request's arrival to the last byte of the answer."""
+        end = self.finished_at if self.finished_at is not None else time.perf_counter()
+        return (end - self.started) * 1000
+
+    @property
+    def ttft_ms(self) -> float | None:
+        """For streams: from arrival to the first event sent."""
+        if not self.stream or self.first_byte_at is None:
+            return None
+        return (self.first_byte_at - self.started) * 1000
+
+    def record_usage(self, prompt_tokens: int | None, completion_tokens: int | None) -> None:
+        """Token usage, once known."""
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = completion_tokens
+
+
+def exchange_of(scope: Scope | dict[str, Any]) -> Exchange | None:
+    """The exchange `Accounting` opened for this request, if any."""
+    state: dict[str, Any] = scope.get("state") or {}
+    exchange = state.get("exchange")
+    return exchange if isinstance(exchange, Exchange) else None
+
+
+def exchange_for(scope: Scope | dict[str, Any]) -> Exchange:
+    """The request's exchange; a detached one when the app runs without `Accounting`."""
+    return exchange_of(scope) or Exchange(started=time.perf_counter(), route=str(scope["path"]))
+
+
+Finisher = Callable[[Exchange], Awaitable[None]]
+_BODY_CAP = 1 << 20
+
+
+def _capturing(receive: Receive, exchange: Exchange) -> Receive:
+    """A receive that also keeps the request body (up to 1 MiB) for the audit log."""
+
+    async def wrapped() -> ReceiveMessage:
+        message = await receive()
+        body = exchange.request_body
+        if message["type"] == "http.request" and body is not None and len(body) < _BODY_CAP:
+            exchange.request_body = body + message.get("body", b"")
+        return message
+
+    return wrapped
+
+
+class Accounting:
+    """ASGI middleware: opens an `Exchange` per HTTP request and finishes it after the answer."""
+
+    def __init__(self, app: ASGIApp, finish: Finisher, *, keep_bodies: bool = False) -> None:
+        self.app = app
+        self.finish = finish
+        self.keep_bodies = keep_bodies
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # type: ignore[comparison-overlap]
+            await self.app(scope, receive, send)
+            return
+        client = scope.get("client")
+        exchange = Exchange(
+            started=time.perf_counter(),
+            route=scope["path"],
+            request_id=request_id_of(scope),
+            client_ip=client[0] if client else None,
+        )
+        state: dict[str, Any] = scope.setdefault("state", {})
+        state["exchange"] = exchange
+        if self.keep_bodies:
+            exchange.response_body = bytearray()
+            exchange.request_body = b""
+            receive = _capturing(receive, exchange)
+
+        async def send_and_observe(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                exchange.status = message["status"]
+                if exchange.response_headers:
+                    headers = list(message.get("headers", ()))
+                    headers.extend(
+                        (k.encode(), v.encode()) for k, v in exchange.response_headers.items()
+                    )
+                    message["headers"] = headers
+            elif message["type"] == "http.response.body":
+                body = message.get("body", b"")
+                if body and exchange.first_byte_at is None:
+                    exchange.first_byte_at = time.perf_counter()
+                if exchange.response_body is not None and len(exchange.response_body) < _BODY_CAP:
+                    exchange.response_body.extend(body)
+                if not message.get("more_body", False):
+                    exchange.finished_at = time.perf_counter()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_observe)
+        finally:
+            if exchange.finished_at is None:
+                exchange.finished_at = time.perf_counter()
+            await self.finish(exchange)

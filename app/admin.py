@@ -1,0 +1,235 @@
+"""The admin API under /admin (master key only): keys and usage; and POST /v1/auth/token."""
+
+from __future__ import annotations
+
+import hmac
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Request, Response, get, patch, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath
+from msgspec import UNSET, Meta, UnsetType
+
+from app.audit import usage_summary
+from app.bodies import decode_body
+from app.context import credential_of
+from app.errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
+from app.gateway import Gateway
+from app.keys import KeyRecord
+from app.responses import json_response
+
+PositiveInt = Annotated[int, Meta(ge=1)]
+_DURATION = re.compile(r"^(?P<n>\d+(?:\.\d+)?)(?P<unit>s|m|h|d)$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class KeyCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """POST /admin/keys."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=200)]
+    owner: str | None = None
+    metadata: dict[str, Any] | None = None
+    models: list[str] | None = None
+    requests_per_minute: PositiveInt | None = None
+    tokens_per_minute: PositiveInt | None = None
+    max_parallel: PositiveInt | None = None
+    budget_total_tokens: PositiveInt | None = None
+    budget_period_tokens: PositiveInt | None = None
+    budget_period: str | None = None
+    expires_at: datetime | None = None
+    expires_in_s: PositiveInt | None = None
+    """Alternative to `expires_at`: seconds from now."""
+
+
+class KeyUpdate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """PATCH /admin/keys/{id}: only the fields given change; null clears a limit."""
+
+    name: str | UnsetType = UNSET
+    owner: str | UnsetType | None = UNSET
+    metadata: dict[str, Any] | UnsetType | None = UNSET
+    models: list[str] | UnsetType | None = UNSET
+    requests_per_minute: int | UnsetType | None = UNSET
+    tokens_per_minute: int | UnsetType | None = UNSET
+    max_parallel: int | UnsetType | None = UNSET
+    budget_total_tokens: int | UnsetType | None = UNSET
+    budget_period_tokens: int | UnsetType | None = UNSET
+    budget_period: str | UnsetType | None = UNSET
+    expires_at: datetime | UnsetType | None = UNSET
+
+
+class Rotate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """POST /admin/keys/{id}/rotate."""
+
+    grace_seconds: Annotated[int, Meta(ge=0)] = 3600
+    """How long the old key keeps working."""
+
+
+def parse_time(text: str, now: datetime) -> datetime:
+    """`24h`, `30m`, `7d`, `90s` before `now`, or an ISO 8601 time (UTC when naive)."""
+    match = _DURATION.match(text.strip())
+    if match:
+        return now - timedelta(seconds=float(match["n"]) * _UNITS[match["unit"]])
+    try:
+        parsed = datetime.fromisoformat(text.strip())
+    except ValueError as exc:
+        raise InvalidRequest(
+            f"{text!r} is neither a duration like 24h nor an ISO 8601 time", param="since"
+        ) from exc
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def require_master(request: Request[Any, Any, Any], gateway: Gateway) -> None:
+    """Only the master key may use the admin API."""
+    master = gateway.config.auth.api_key
+    if not master:
+        raise PermissionDenied("the admin API is off: set auth.api_key to use it")
+    credential = credential_of(request.headers)
+    if credential is None:
+        raise AuthenticationFailed("missing master key")
+    if not hmac.compare_digest(credential.encode(), master.encode()):
+        if gateway.key_cache.lookup(credential) is not None:
+            raise PermissionDenied("the admin API needs the master key, not an API key")
+        raise AuthenticationFailed("invalid master key")
+
+
+def _with_key(record: KeyRecord, plaintext: str) -> dict[str, Any]:
+    return {**record.public(), "key": plaintext}
+
+
+async def _record(gateway: Gateway, key_id: str) -> KeyRecord:
+    record = await gateway.keys.get(key_id)
+    if record is None:
+        raise NotFound(f"no API key with id {key_id!r}", param="key_id")
+    return record
+
+
+@post("/admin/keys", status_code=201)
+async def create_key(
+    request: Request[Any, Any, Any], gateway: NamedDependency[Gateway]
+) -> Response[bytes]:
+    """Create a key; its plaintext is in this response only."""
+    require_master(request, gateway)
+    body = decode_body(await request.body(), KeyCreate)
+    fields = msgspec.structs.asdict(body)
+    expires_in = fields.pop("expires_in_s")
+    if expires_in is not None:
+        fields["expires_at"] = datetime.now(UTC) + timedelta(seconds=expires_in)
+    record, plaintext = await gateway.keys.create(**fields)
+    gateway.key_cache.apply(record, plaintext)
+    return json_response(_with_key(record, plaintext), status_code=201)
+
+
+@get("/admin/keys")
+async def list_keys(
+    request: Request[Any, Any, Any], gateway: NamedDependency[Gateway]
+) -> Response[bytes]:
+    """Every key (no plaintexts, no hashes); `?include_revoked=false` hides revoked ones."""
+    require_master(request, gateway)
+    include = request.query_params.get("include_revoked", "true").lower() != "false"
+    records = await gateway.keys.list(include_revoked=include)
+    return json_response({"object": "list", "data": [r.public() for r in records]})
+
+
+@get("/admin/keys/{key_id:str}")
+async def get_key(
+    request: Request[Any, Any, Any], gateway: NamedDependency[Gateway], key_id: FromPath[str]
+) -> Response[bytes]:
+    """One key."""
+    require_master(request, gateway)
+    return json_response((await _record(gateway, key_id)).public())
+
+
+@patch("/admin/keys/{key_id:str}")
+async def update_key(
+    request: Request[Any, Any, Any], gateway: NamedDependency[Gateway], key_id: FromPath[str]
+) -> Response[bytes]:
+    """Change a key's name, models, limits, budget or expiry."""
+    require_master(request, gateway)
+    body = decode_body(await request.body(), KeyUpdate)
+    changes = {
+        name: getattr(body, name)
+        for name in body.__struct_fields__
+        if getattr(body, name) is not UNSET
+    }
+    await _record(gateway, key_id)
+    record = await gateway.keys.update(key_id, **changes)
+    gateway.key_cache.apply(record)
+    return json_response(record.public())
+
+
+@post("/admin/keys/{key_id:str}/revoke", status_code=200)
+async def revoke_key(
+    request: Request[Any, Any, Any], gateway: NamedDependency[Gateway], key_id: FromPath[str]
+) -> Response[bytes]:
+    """Revoke a key now; its tokens stop working too."""
+    require_master(request, gateway)
+    await _record(gateway, key_id)
+    record = await gateway.keys.revoke(key_id)
+    gateway.key_cache.apply(record)
+    return json_response(record.public())
+
+
+@post("/admin/keys/{key_id:str}/rotate", status_code=201)
+async def rotate_key(
+    request: Request[Any, Any, Any], gateway: NamedDependency[Gateway], key_id: FromPath[str]
+) -> Response[bytes]:
+    """A new key with the same settings; the old one works for `grace_seconds` more."""
+    require_master(request, gateway)
+    raw = await request.body()
+    body = decode_body(raw, Rotate) if raw.strip() else Rotate()
+    await _record(gateway, key_id)
+    record, plaintext = await gateway.keys.rotate(key_id, body.grace_seconds)
+    gateway.key_cache.apply(record, plaintext)
+    previous = await _record(gateway, key_id)
+    gateway.key_cache.apply(previous)
+    return json_response({**_with_key(record, plaintext), "previous": previous.public()}, 201)
+
+
+@get("/admin/usage")
+async def usage(
+    request: Request[Any, Any, Any], gateway: NamedDependency[Gateway]
+) -> Response[bytes]:
+    """Requests and tokens per key and model over a period (`since`, `until`, `group_by`)."""
+    require_master(request, gateway)
+    now = datetime.now(UTC)
+    query = request.query_params
+    since = parse_time(query.get("since", "24h"), now)
+    until = parse_time(query["until"], now) if "until" in query else now
+    groups = tuple(g for g in query.get("group_by", "key_id,model").split(",") if g)
+    if not set(groups) <= {"key_id", "model"}:
+        raise InvalidRequest("group_by takes key_id, model or both", param="group_by")
+    rows = await usage_summary(gateway.db, since=since, until=until, group_by=groups)  # type: ignore[arg-type]
+    return json_response(
+        {
+            "object": "list",
+            "since": since.isoformat(),
+            "until": until.isoformat(),
+            "data": [msgspec.to_builtins(r) for r in rows],
+        }
+    )
+
+
+@post("/v1/auth/token", status_code=200)
+async def issue_token(
+    request: Request[Any, Any, Any], gateway: NamedDependency[Gateway]
+) -> Response[bytes]:
+    """Exchange an API key for a bearer token that expires after `auth.token_ttl` seconds."""
+    ctx, _ = await gateway.admit(request)
+    if ctx.key is None:
+        raise InvalidRequest(
+            "only an API key can be exchanged for a token; create one with POST /admin/keys"
+        )
+    now = datetime.now(UTC)
+    token, expires_at = gateway.signer.issue(ctx.key, now)
+    return json_response(
+        {
+            "object": "auth.token",
+            "token": token,
+            "token_type": "bearer",
+            "expires_at": expires_at,
+            "expires_in": max(0, expires_at - int(now.timestamp())),
+        }
+    )
