@@ -4,6 +4,9 @@ Examples:
     clawbot serve                       # clawbot.json in the current directory
     clawbot serve --config /etc/clawbot.json --port 9000
     clawbot check --config clawbot.json
+    clawbot db upgrade
+    clawbot keys create --name ci-bot --rpm 60
+    clawbot usage --since 7d
 """
 
 from __future__ import annotations
@@ -14,31 +17,37 @@ import errno
 import logging
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from app import __version__
+from app.cli_admin import add_commands as add_admin_commands
 from app.config import LOOPBACK_HOSTS, Config, ConfigError, load_config
 from app.gateway import Gateway
 
 log = logging.getLogger("clawbot")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
     parser = argparse.ArgumentParser(prog="clawbot", description="OpenAI-compatible gateway")
     parser.add_argument("--version", action="version", version=f"clawbot {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the gateway")
-    serve.add_argument("--config", default="clawbot.json", help="path to clawbot.json")
-    serve.add_argument("--host", help="override model_server.host")
-    serve.add_argument("--port", type=int, help="override model_server.port (0: any free port)")
-    check = sub.add_parser("check", help="validate the config and load every backend")
-    check.add_argument("--config", default="clawbot.json", help="path to clawbot.json")
-    db = sub.add_parser("db", help="database schema")
-    db.add_argument("action", choices=["upgrade", "current"], help="migrate to the newest schema")
-    db.add_argument("--config", default="clawbot.json", help="path to clawbot.json")
-    return parser
+    serve_cmd = sub.add_parser("serve", help="run the gateway")
+    serve_cmd.add_argument("--host", help="override model_server.host")
+    serve_cmd.add_argument("--port", type=int, help="override model_server.port (0: any port)")
+    check_cmd = sub.add_parser("check", help="validate the config and load every backend")
+    db_cmd = sub.add_parser("db", help="database schema")
+    db_cmd.add_argument("action", choices=["upgrade", "current"], help="migrate, or show")
+    for cmd in (serve_cmd, check_cmd, db_cmd):
+        cmd.add_argument("--config", default="clawbot.json", help="path to clawbot.json")
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
+        "serve": serve,
+        "check": check,
+        "db": db_command,
+        **add_admin_commands(sub),
+    }
+    return parser, handlers
 
 
 def setup_logging(config: Config) -> None:
@@ -157,7 +166,7 @@ def check(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def db(args: argparse.Namespace) -> int:
+def db_command(args: argparse.Namespace) -> int:
     """`clawbot db upgrade` applies pending migrations; `current` prints the revision."""
     from app.storage.database import Database, head_revision
 
@@ -185,9 +194,10 @@ def db(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `clawbot` console script."""
-    args = _parser().parse_args(argv)
+    parser, handlers = _parser()
+    args = parser.parse_args(argv)
     try:
-        return {"serve": serve, "check": check, "db": db}[args.command](args)
+        return handlers[args.command](args)
     except ConfigError as exc:
         print(f"clawbot: config error: {exc}", file=sys.stderr)
         return 2
