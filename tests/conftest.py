@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from litestar.testing import AsyncTestClient
+from sqlalchemy.engine import make_url
 
 from app.config import Config, parse_config
 from app.gateway import Gateway
 from app.server import create_app
+from app.storage.database import Database
+from tests.services import POSTGRES_URL, require_postgres
 
 MASTER_KEY = "sk-test-master"
 AUTH = {"Authorization": f"Bearer {MASTER_KEY}"}
@@ -37,6 +43,43 @@ def make_config(
 
 
 ClientFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def postgres_url() -> AsyncIterator[str]:
+    """A fresh, empty PostgreSQL database, dropped afterwards."""
+    require_postgres()
+    base = make_url(POSTGRES_URL)
+    name = f"clawbot_test_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(
+        host=base.host, port=base.port, user=base.username, database=base.database
+    )
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield base.set(database=name).render_as_string(hide_password=False)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each database the gateway supports: a SQLite file, and the real PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'clawbot.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[Database]:
+    """A migrated database of each kind."""
+    database = Database(database_url)
+    try:
+        await database.upgrade()
+        yield database
+    finally:
+        await database.aclose()
 
 
 @pytest.fixture

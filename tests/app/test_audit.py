@@ -6,60 +6,18 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 from sqlalchemy import event, func, insert, select
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from app.audit import AuditEntry, AuditWriter, UsageRow, as_utc, usage_summary
 from app.storage.database import Database
 from app.storage.schema import ApiKey, AuditRecord
-from tests.services import POSTGRES_URL, require_postgres
 
 T0 = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-async def postgres_url() -> AsyncIterator[str]:
-    """A fresh, empty PostgreSQL database, dropped afterwards."""
-    require_postgres()
-    base = make_url(POSTGRES_URL)
-    name = f"clawbot_test_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(
-        host=base.host, port=base.port, user=base.username, database=base.database
-    )
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield base.set(database=name).render_as_string(hide_password=False)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Each storage the gateway supports."""
-    if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path / 'clawbot.db'}"
-    url: str = request.getfixturevalue("postgres_url")
-    return url
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    """A migrated database of each kind."""
-    database = Database(database_url)
-    try:
-        await database.upgrade()
-        yield database
-    finally:
-        await database.aclose()
 
 
 def entry(n: int = 0, **fields: Any) -> AuditEntry:

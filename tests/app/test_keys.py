@@ -8,16 +8,12 @@ import hashlib
 import hmac
 import json
 import logging
-import secrets
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 from sqlalchemy import text, update
-from sqlalchemy.engine import make_url
 
 from app.errors import AuthenticationFailed, InvalidRequest, NotFound
 from app.keys import (
@@ -31,46 +27,8 @@ from app.keys import (
 )
 from app.storage.database import Database
 from app.storage.schema import ApiKey
-from tests.services import POSTGRES_URL, require_postgres
 
 FAST = 0.05
-
-
-@pytest.fixture
-async def postgres_url() -> AsyncIterator[str]:
-    """A fresh, empty PostgreSQL database, dropped afterwards."""
-    require_postgres()
-    base = make_url(POSTGRES_URL)
-    name = f"clawbot_test_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(
-        host=base.host, port=base.port, user=base.username, database=base.database
-    )
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield base.set(database=name).render_as_string(hide_password=False)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Each storage the gateway supports."""
-    if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path / 'clawbot.db'}"
-    url: str = request.getfixturevalue("postgres_url")
-    return url
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    """A migrated database."""
-    database = Database(database_url)
-    try:
-        await database.upgrade()
-        yield database
-    finally:
-        await database.aclose()
 
 
 @pytest.fixture

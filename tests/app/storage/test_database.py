@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import json
-import secrets
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 from litestar.testing import AsyncTestClient
 from sqlalchemy import inspect
-from sqlalchemy.engine import make_url
 
 from app.cli import main
 from app.config import ConfigError, parse_config
 from app.gateway import Gateway
 from app.server import create_app
 from app.storage.database import Database, head_revision
-from tests.services import POSTGRES_URL, require_postgres
 
 TABLES = {"api_keys", "audit_log"}
 AUDIT_INDEXES = {"ix_audit_log_ts", "ix_audit_log_key_ts", "ix_audit_log_model_ts"}
@@ -35,32 +30,6 @@ async def schema_of(db: Database) -> tuple[set[str], set[str]]:
             return tables, indexes
 
         return await conn.run_sync(read)
-
-
-@pytest.fixture
-async def postgres_url() -> AsyncIterator[str]:
-    """A fresh, empty PostgreSQL database, dropped afterwards."""
-    require_postgres()
-    base = make_url(POSTGRES_URL)
-    name = f"clawbot_test_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(
-        host=base.host, port=base.port, user=base.username, database=base.database
-    )
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield base.set(database=name).render_as_string(hide_password=False)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Each storage the gateway supports."""
-    if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path / 'clawbot.db'}"
-    url: str = request.getfixturevalue("postgres_url")
-    return url
 
 
 async def test_upgrade_creates_the_schema_and_is_idempotent(database_url: str) -> None:
