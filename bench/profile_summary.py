@@ -45,6 +45,19 @@ KEY_FRAMES: tuple[tuple[str, str], ...] = (
     ("AsyncConnectionPool._assign_requests_to_connections", "httpcore/"),
     ("json_response", "app/responses.py"),
     ("Handler.handle", "logging/"),
+    ("Accounting.__call__", "app/accounting.py"),
+    ("ApiKeyPolicy.check", "policies/api_key.py"),
+    ("ModelAccessPolicy.check", "policies/model_access.py"),
+    ("BudgetPolicy.check", "policies/budget.py"),
+    ("RateLimitPolicy.check", "policies/rate_limit.py"),
+    ("estimate_chat", "app/tokens.py"),
+    ("RateLimiter.admit_all", "app/ratelimit.py"),
+    ("Gateway.finish", "app/gateway.py"),
+    ("release", "app/gateway.py"),
+    ("AuditWriter.submit", "app/audit.py"),
+    ("AuditWriter._run", "app/audit.py"),
+    ("AuditWriter._insert", "app/audit.py"),
+    ("KeyCache._poll", "app/keys.py"),
 )
 
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?):(?P<line>\d+)\)$")
@@ -117,6 +130,14 @@ def summarise(stacks: Sequence[tuple[list[Frame], int, str]], top: int = 25) -> 
     lines += [f"  {100 * keys[func] / total:5.1f}%  {func}" for func, _ in KEY_FRAMES if keys[func]]
     lines.append(f"hottest frames (self), top {top}:")
     lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in selves.most_common(top)]
+    if other:
+        threads: Counter[str] = Counter()
+        for frames, n, thread in stacks:
+            if by_thread and "MainThread" not in thread:
+                where = f"{frames[0].func} ({frames[0].file})" if frames else "?"
+                threads[f"{thread} {where}"] += n
+        lines.append("other threads (samples, as % of the main thread's):")
+        lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in threads.most_common(5)]
     return "\n".join(lines)
 
 
