@@ -88,6 +88,8 @@ class RateLimiting(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True
     """A `limits` storage URI: `memory://` (one process) or `redis://host:6379/0` (replicas)."""
     on_storage_error: Literal["open", "closed"] = "open"
     """`open` admits (and counts the failure); `closed` answers 503."""
+    timeout_s: Annotated[float, Meta(gt=0)] = 0.25
+    """Longest a request waits on the storage before `on_storage_error` applies."""
 
 
 class AuditSettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -11,11 +11,12 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from limits.errors import ConfigurationError
 from litestar import Request
 
 from app.accounting import Exchange, exchange_of
 from app.audit import AuditEntry, AuditWriter
-from app.config import Config, ModelConfig
+from app.config import Config, ConfigError, ModelConfig
 from app.context import RequestContext, credential_of
 from app.edge import request_id_of
 from app.errors import ModelNotFound
@@ -114,9 +115,7 @@ class Gateway:
                 token_secret(config.auth.api_key, config.auth.token_secret or None),
                 config.auth.token_ttl,
             ),
-            limiter=RateLimiter(
-                config.rate_limits.storage, on_storage_error=config.rate_limits.on_storage_error
-            ),
+            limiter=_limiter(config),
             audit=(
                 AuditWriter(
                     db, max_queue=config.audit.max_queue, batch_size=config.audit.batch_size
@@ -142,6 +141,7 @@ class Gateway:
         """Migrate the database, load keys, start the writer and every backend."""
         await self.db.upgrade()
         await self.key_cache.start()
+        await self.limiter.warm_up()
         if self.audit is not None:
             self.audit.start()
         for served in self.models:
@@ -289,6 +289,16 @@ class Gateway:
                 response_body=_text(exchange.response_body) if bodies else None,
             )
         )
+
+
+def _limiter(config: Config) -> RateLimiter:
+    settings = config.rate_limits
+    try:
+        return RateLimiter(
+            settings.storage, on_storage_error=settings.on_storage_error, timeout=settings.timeout_s
+        )
+    except (ValueError, ConfigurationError) as exc:
+        raise ConfigError(f"rate_limits.storage: {exc}") from exc
 
 
 def _releaser(admission: Admission) -> Callable[[Exchange], Any]:

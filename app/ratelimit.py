@@ -150,6 +150,8 @@ class RateLimiter:
         slot_ttl: float = 900.0,
         warn_interval: float = 30.0,
     ) -> None:
+        if not uri.startswith(("memory://", "redis://", "rediss://")):
+            raise ValueError(f"unsupported rate-limit storage {uri!r}: use memory:// or redis://")
         options: dict[str, Any] = {}
         if not uri.startswith("memory"):
             options["key_prefix"] = key_prefix
@@ -173,6 +175,22 @@ class RateLimiter:
         """Storage calls that failed or timed out since start."""
         self._last_warning = -math.inf
         self._local_slots: dict[str, int] = {}
+
+    async def warm_up(self, within_s: float = 5.0) -> bool:
+        """Connect to the storage and load its scripts before the first request needs them.
+
+        Otherwise the first rate-limited request pays for connecting within `self.timeout`,
+        on a slow start, is let through uncounted (fail open) or refused (fail closed).
+        """
+        probe = RateLimitItemPerMinute(1, namespace="warm-up")
+        try:
+            async with asyncio.timeout(within_s):
+                await self._strategy.get_window_stats(probe, "warm-up")
+        except self._errors as exc:
+            mode = self.on_storage_error
+            log.warning("rate-limit storage is not answering (%r); failing %s", exc, mode)
+            return False
+        return True
 
     async def admit(self, subject: str, limits: Limits, tokens_estimate: int) -> Admission:
         """Admit one request for `subject` or raise RateLimited; refusing consumes nothing."""

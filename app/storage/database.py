@@ -41,7 +41,13 @@ def head_revision() -> str:
     return head
 
 
+_MIGRATION_LOCK = 0x636C6177  # "claw": replicas starting together migrate one at a time
+
+
 def _upgrade(connection: Connection) -> str | None:
+    if connection.dialect.name == "postgresql":
+        # Held until this transaction commits; the others then find the schema up to date.
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
     command.upgrade(_alembic_config(connection), "head")
     return MigrationContext.configure(connection).get_current_revision()
 

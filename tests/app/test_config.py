@@ -113,3 +113,9 @@ def test_backend_spec_errors(backend: str, options: dict[str, Any], expected: st
         Gateway.from_config(config)
     assert expected in str(info.value)
     assert "models[0]" in str(info.value)
+
+
+def test_bad_rate_limit_storage_is_a_config_error() -> None:
+    config = parse_config({"rate_limits": {"storage": "mongodb://x"}, "models": [MODEL]})
+    with pytest.raises(ConfigError, match=r"rate_limits\.storage"):
+        Gateway.from_config(config)

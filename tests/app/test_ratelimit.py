@@ -337,3 +337,15 @@ async def test_period_token_budget(make_limiter: LimiterFactory) -> None:
     assert info.value.retry_after > 0
     assert "x-ratelimit-limit-tokens" not in admission.headers()
     await (await limiter.admit("key:b", budget, 40)).release(40)
+
+
+async def test_warm_up(make_limiter: LimiterFactory) -> None:
+    assert await make_limiter().warm_up()
+
+
+async def test_warm_up_reports_a_dead_storage() -> None:
+    limiter = RateLimiter("redis://127.0.0.1:1/0")
+    try:
+        assert not await limiter.warm_up(within_s=1)
+    finally:
+        await limiter.aclose()

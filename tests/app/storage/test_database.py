@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -104,3 +105,12 @@ def test_cli_db_upgrade_failure_exits_non_zero(
     )
     assert main(["db", "upgrade", "--config", str(config)]) == 1
     assert "failed" in capsys.readouterr().err
+
+
+async def test_replicas_migrating_together_do_not_collide(postgres_url: str) -> None:
+    replicas = [Database(postgres_url) for _ in range(4)]
+    try:
+        revisions = await asyncio.gather(*(db.upgrade() for db in replicas))
+        assert revisions == [head_revision()] * 4
+    finally:
+        await asyncio.gather(*(db.aclose() for db in replicas))
