@@ -45,6 +45,8 @@ def translate(exc: BaseException) -> WireError:
     if isinstance(exc, GatewayError):
         if exc.retry_after is not None:
             headers["retry-after"] = str(max(1, math.ceil(exc.retry_after)))
+            # The openai SDKs read the precise value first.
+            headers["retry-after-ms"] = str(max(1, math.ceil(exc.retry_after * 1000)))
         body = ErrorBody(message=exc.message, type=exc.error_type, param=exc.param, code=exc.code)
         return WireError(exc.status_code, ErrorResponse(error=body), headers)
     if isinstance(exc, HTTPException):

@@ -31,3 +31,11 @@ async def test_not_ready_is_503_with_retry_after() -> None:
         assert r.status_code == 503
         assert r.headers["retry-after"] == "1"
         assert "fixed" in r.json()["error"]["message"]
+
+
+async def test_retry_after_also_in_milliseconds() -> None:
+    gateway = Gateway.from_config(make_config())
+    async with AsyncTestClient(app=create_app(gateway)) as c:  # type: ignore[arg-type]
+        gateway.models[0].ready = False
+        r = await c.get("/ready")
+        assert r.headers["retry-after-ms"] == "1000"
