@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,14 @@ def make_config(
 
 
 ClientFactory = Callable[..., Any]
+
+
+async def away_from_minute_boundary(margin_s: float = 5.0) -> None:
+    """Wait past the next minute if it is near: memory:// rate windows follow clock minutes,
+    and a test that counts requests must not have its window roll over halfway."""
+    into = time.time() % 60
+    if into > 60 - margin_s:
+        await asyncio.sleep(60 - into + 0.05)
 
 
 @pytest.fixture

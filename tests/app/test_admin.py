@@ -14,7 +14,7 @@ from sqlalchemy import select
 from app.gateway import Gateway
 from app.server import create_app
 from app.storage.schema import ApiKey, AuditRecord
-from tests.conftest import AUTH, MASTER_KEY, make_config
+from tests.conftest import AUTH, MASTER_KEY, away_from_minute_boundary, make_config
 from tests.serving import serve
 
 CHAT = {"model": "mock", "messages": [{"role": "user", "content": "hello there"}]}
@@ -99,6 +99,7 @@ async def test_model_permission_respects_aliases(gateway_client: Any) -> None:
 
 
 async def test_update_changes_limits_now(gateway_client: Any) -> None:
+    await away_from_minute_boundary()
     _, client = gateway_client
     created = await new_key(client)
     r = await client.patch(
@@ -119,6 +120,7 @@ async def test_update_changes_limits_now(gateway_client: Any) -> None:
 
 
 async def test_rate_limit_429_and_headers(gateway_client: Any) -> None:
+    await away_from_minute_boundary()
     _, client = gateway_client
     key = bearer((await new_key(client, requests_per_minute=2, tokens_per_minute=10_000))["key"])
     first = await client.post("/v1/chat/completions", json=CHAT, headers=key)
