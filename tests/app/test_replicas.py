@@ -14,13 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import coredis
 import httpx
 import pytest
-from sqlalchemy.engine import make_url
 
-from tests.services import POSTGRES_URL, require_postgres, require_redis
+from tests.services import require_redis
 from tests.serving import Server, serve
 
 MASTER_KEY = "sk-replicas-master-" + secrets.token_hex(8)
@@ -67,23 +65,6 @@ async def poll(
             last = answers[-1]
             pytest.fail(f"not done within {within_s} s; last answer {last.status_code} {last.text}")
         await asyncio.sleep(every_s)
-
-
-@pytest.fixture
-async def postgres_url() -> AsyncIterator[str]:
-    """A fresh, empty PostgreSQL database, dropped afterwards."""
-    require_postgres()
-    base = make_url(POSTGRES_URL)
-    name = f"clawbot_test_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(
-        host=base.host, port=base.port, user=base.username, database=base.database
-    )
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield base.set(database=name).render_as_string(hide_password=False)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 @pytest.fixture
