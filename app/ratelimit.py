@@ -11,6 +11,10 @@ Tokens are charged up front from the estimate; `Admission.release` charges the d
 real usage, refunds included (limits has no refund call, so `_adjust` moves the current window's
 counter directly, never below zero; this ties us to limits 5.x key layout, which the contract
 tests pin down).
+
+`memory://` skips limits' storage, whose every call takes a lock and schedules an expiry task:
+`_LocalWindows` does the same arithmetic on plain dicts, synchronously (one event loop thread,
+no await between a read and its write), and a test replays random traffic against both.
 """
 
 from __future__ import annotations
@@ -80,9 +84,97 @@ class _Window:
     kind: Literal["requests", "tokens", "budget"]
     subject: str
     item: RateLimitItem
+    expiry: int
     cost: int
     remaining: int = 0
     reset_s: float = 0.0
+
+    def local_key(self) -> tuple[str, str, int]:
+        """The window's key in `_LocalWindows`: the parts of limits' `key_for` that vary."""
+        return (self.item.namespace, self.subject, self.item.amount)
+
+
+class _LocalWindows:
+    """Sliding window counters in this process, with limits' `MemoryStorage` arithmetic.
+
+    Windows are numbered `int(now / expiry)` (aligned to the epoch, like limits' keys); each key
+    keeps `[current window number, its count, the previous window's count, expiry]`. A clock
+    stepping back more than a window loses the older counts limits would still have had.
+    """
+
+    SWEEP_EVERY_S = 60.0
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, str, int], list[int]] = {}
+        self._next_sweep = 0.0
+
+    def window(
+        self, key: tuple[str, str, int], expiry: int, now: float
+    ) -> tuple[int, float, int, float]:
+        """(previous count, its ttl, current count, its ttl), as limits' `get_sliding_window`."""
+        previous = current = 0
+        entry = self._counts.get(key)
+        if entry is not None:
+            previous = _count(entry, int((now - expiry) / expiry))
+            current = _count(entry, int(now / expiry))
+        previous_ttl = 0.0 if previous == 0 else (1 - (((now - expiry) / expiry) % 1)) * expiry
+        current_ttl = (1 - ((now / expiry) % 1)) * expiry + expiry
+        return previous, previous_ttl, current, current_ttl
+
+    def hit(
+        self, key: tuple[str, str, int], limit: int, expiry: int, cost: int, now: float
+    ) -> bool:
+        """Charge `cost` if it fits, as limits' `acquire_sliding_window_entry`."""
+        if cost > limit:
+            return False
+        previous, previous_ttl, current, _ = self.window(key, expiry, now)
+        if math.floor(previous * previous_ttl / expiry + current) + cost > limit:
+            return False
+        current = self.add(key, expiry, now, cost)
+        if math.floor(previous * previous_ttl / expiry + current) > limit:
+            self.add(key, expiry, now, -cost)
+            return False
+        return True
+
+    def add(self, key: tuple[str, str, int], expiry: int, now: float, delta: int) -> int:
+        """Move the current window's count by `delta`, never below zero; the new count."""
+        number = int(now / expiry)
+        entry = self._counts.get(key)
+        if entry is None:
+            if now >= self._next_sweep:
+                self._sweep(now)
+            entry = self._counts[key] = [number, 0, 0, expiry]
+        elif number != entry[0]:
+            if number == entry[0] - 1:  # the clock stepped back a window
+                entry[2] = max(0, entry[2] + delta)
+                return entry[2]
+            if number < entry[0]:
+                return 0
+            entry[2] = entry[1] if number == entry[0] + 1 else 0
+            entry[0], entry[1] = number, 0
+        entry[1] = max(0, entry[1] + delta)
+        return entry[1]
+
+    def _sweep(self, now: float) -> None:
+        """Forget keys whose current and previous windows have both passed."""
+        self._next_sweep = now + self.SWEEP_EVERY_S
+        stale = [k for k, e in self._counts.items() if e[0] + 1 < int(now / e[3])]
+        for key in stale:
+            del self._counts[key]
+
+    async def reset(self) -> int:
+        """Forget every counter; how many keys there were."""
+        count = len(self._counts)
+        self._counts.clear()
+        return count
+
+
+def _count(entry: list[int], number: int) -> int:
+    if number == entry[0]:
+        return entry[1]
+    if number == entry[0] - 1:
+        return entry[2]
+    return 0
 
 
 def format_duration(seconds: float) -> str:
@@ -138,7 +230,7 @@ class Admission:
 
 
 class RateLimiter:
-    """Admits requests against per-subject limits kept in a `limits` storage."""
+    """Admits requests against per-subject limits kept in memory or in Redis."""
 
     def __init__(
         self,
@@ -149,23 +241,26 @@ class RateLimiter:
         key_prefix: str = "clawbot",
         slot_ttl: float = 900.0,
         warn_interval: float = 30.0,
+        _limits_memory: bool = False,
     ) -> None:
         if not uri.startswith(("memory://", "redis://", "rediss://")):
             raise ValueError(f"unsupported rate-limit storage {uri!r}: use memory:// or redis://")
-        options: dict[str, Any] = {}
-        if not uri.startswith("memory"):
-            options["key_prefix"] = key_prefix
-        storage = storage_from_string(f"async+{uri}", wrap_exceptions=True, **options)
-        if not isinstance(storage, MemoryStorage | RedisStorage):
-            raise ValueError(f"unsupported rate-limit storage {uri!r}: use memory:// or redis://")
-        self._storage: MemoryStorage | RedisStorage = storage
-        self._strategy = SlidingWindowCounterRateLimiter(storage)
-        self._errors: tuple[type[BaseException], ...] = (
-            StorageError,
-            TimeoutError,
-            OSError,
-            *_as_tuple(storage.base_exceptions),
-        )
+        self._storage: _LocalWindows | MemoryStorage | RedisStorage
+        self._errors: tuple[type[BaseException], ...] = (StorageError, TimeoutError, OSError)
+        if uri.startswith("memory") and not _limits_memory:
+            self._storage = _LocalWindows()
+        else:
+            options: dict[str, Any] = {}
+            if not uri.startswith("memory"):
+                options["key_prefix"] = key_prefix
+            storage = storage_from_string(f"async+{uri}", wrap_exceptions=True, **options)
+            if not isinstance(storage, MemoryStorage | RedisStorage):
+                raise ValueError(
+                    f"unsupported rate-limit storage {uri!r}: use memory:// or redis://"
+                )
+            self._storage = storage
+            self._strategy = SlidingWindowCounterRateLimiter(storage)
+            self._errors += _as_tuple(storage.base_exceptions)
         self.on_storage_error = on_storage_error
         self.timeout = timeout
         self.slot_ttl = slot_ttl
@@ -175,6 +270,7 @@ class RateLimiter:
         """Storage calls that failed or timed out since start."""
         self._last_warning = -math.inf
         self._local_slots: dict[str, int] = {}
+        self._items: dict[tuple[str, int], tuple[RateLimitItem, int]] = {}
 
     async def warm_up(self, within_s: float = 5.0) -> bool:
         """Connect to the storage and load its scripts before the first request needs them.
@@ -182,6 +278,8 @@ class RateLimiter:
         Otherwise the first rate-limited request pays for connecting within `self.timeout`,
         on a slow start, is let through uncounted (fail open) or refused (fail closed).
         """
+        if isinstance(self._storage, _LocalWindows):
+            return True
         probe = RateLimitItemPerMinute(1, namespace="warm-up")
         try:
             async with asyncio.timeout(within_s):
@@ -203,26 +301,31 @@ class RateLimiter:
         cost = max(1, tokens_estimate)
         windows: list[_Window] = []
         parallel: list[tuple[str, int]] = []
-        item: RateLimitItem
         for subject, limits in subjects_and_limits:
             if limits.requests_per_minute is not None:
-                item = RateLimitItemPerMinute(limits.requests_per_minute, namespace="requests")
-                windows.append(_Window("requests", subject, item, 1))
+                item, expiry = self._item(
+                    RateLimitItemPerMinute, "requests", limits.requests_per_minute
+                )
+                windows.append(_Window("requests", subject, item, expiry, 1))
             if limits.tokens_per_minute is not None:
-                item = RateLimitItemPerMinute(limits.tokens_per_minute, namespace="tokens")
-                windows.append(_Window("tokens", subject, item, cost))
+                item, expiry = self._item(
+                    RateLimitItemPerMinute, "tokens", limits.tokens_per_minute
+                )
+                windows.append(_Window("tokens", subject, item, expiry, cost))
             if limits.max_parallel is not None:
                 parallel.append((subject, limits.max_parallel))
             if limits.tokens_per_period is not None and limits.period is not None:
                 per = RateLimitItemPerDay if limits.period == "day" else RateLimitItemPerMonth
-                item = per(limits.tokens_per_period, namespace=f"budget-{limits.period}")
-                windows.append(_Window("budget", subject, item, cost))
+                item, expiry = self._item(per, f"budget-{limits.period}", limits.tokens_per_period)
+                windows.append(_Window("budget", subject, item, expiry, cost))
         for w in windows:
             if w.cost > w.item.amount:
                 raise RateLimited(
                     f"{_label(w.kind)} limit is {w.item.amount} for {w.subject}; this request"
                     f" needs {w.cost} and can never fit"
                 )
+        if isinstance(self._storage, _LocalWindows):
+            return self._admit_local(self._storage, windows, parallel)
         slots: list[tuple[str, str]] = []
         hit: list[_Window] = []
         try:
@@ -234,10 +337,7 @@ class RateLimiter:
                 for subject, limit in parallel:
                     token = await self._acquire_slot(subject, limit)
                     if token is None:
-                        raise RateLimited(
-                            f"parallel requests limit of {limit} reached for {subject}",
-                            retry_after=1,
-                        )
+                        raise _no_slot(subject, limit)
                     slots.append((subject, token))
                 for w in windows:
                     if not await self._strategy.hit(w.item, w.subject, cost=w.cost):
@@ -252,12 +352,51 @@ class RateLimiter:
             return Admission(self, [], [])
         return Admission(self, windows, slots)
 
+    def _admit_local(
+        self, store: _LocalWindows, windows: list[_Window], parallel: list[tuple[str, int]]
+    ) -> Admission:
+        """`admit_all`'s steps on `_LocalWindows`: nothing there can fail or wait."""
+        slots: list[tuple[str, str]] = []
+        hit: list[_Window] = []
+        try:
+            for w in windows:
+                wait = _judge(w, *store.window(w.local_key(), w.expiry, time.time()))
+                if wait is not None:
+                    raise _refusal(w, wait)
+            for subject, limit in parallel:
+                if not self._take_local_slot(subject, limit):
+                    raise _no_slot(subject, limit)
+                slots.append((subject, subject))
+            for w in windows:
+                key = w.local_key()
+                if not store.hit(key, w.item.amount, w.expiry, w.cost, time.time()):
+                    wait = _judge(w, *store.window(key, w.expiry, time.time()))
+                    raise _refusal(w, wait if wait is not None else 0.001)
+                hit.append(w)
+        except RateLimited:
+            for w in hit:
+                store.add(w.local_key(), w.expiry, time.time(), -w.cost)
+            for subject, _ in slots:
+                self._free_local_slot(subject)
+            raise
+        return Admission(self, windows, slots)
+
+    def _item(
+        self, per: type[RateLimitItem], namespace: str, amount: int
+    ) -> tuple[RateLimitItem, int]:
+        """The (cached) limits item for `amount` per `per`'s period, and its expiry."""
+        cached = self._items.get((namespace, amount))
+        if cached is None:
+            item = per(amount, namespace=namespace)
+            cached = self._items[(namespace, amount)] = (item, item.get_expiry())
+        return cached
+
     async def aclose(self) -> None:
         """Close the storage's connections."""
         storage = self._storage
         if isinstance(storage, RedisStorage):
             _client(storage).connection_pool.disconnect()
-        elif storage.timer is not None:
+        elif isinstance(storage, MemoryStorage) and storage.timer is not None:
             storage.timer.cancel()
 
     @asynccontextmanager
@@ -288,31 +427,29 @@ class RateLimiter:
 
     async def _probe(self, w: _Window) -> float | None:
         """Fill in the window's state as if `w.cost` were charged; seconds to wait if it can't."""
-        prev, prev_ttl, cur, cur_ttl = await self._storage.get_sliding_window(
-            w.item.key_for(w.subject), w.item.get_expiry()
-        )
-        expiry = w.item.get_expiry()
-        limit = w.item.amount
-        weighted = math.floor(prev * prev_ttl / expiry) + cur
-        shift = cur_ttl - expiry if cur_ttl > expiry else expiry  # until `cur` becomes previous
-        if weighted + w.cost > limit:
-            if cur + w.cost <= limit:
-                wait = prev_ttl - (limit - w.cost - cur + 1) * expiry / prev
-            else:
-                wait = shift + expiry - (limit - w.cost + 1) * expiry / cur
-            return max(wait, 0.0) + 0.001  # the inequality is strict
-        w.remaining = limit - weighted - w.cost
-        w.reset_s = shift + expiry
-        return None
+        assert not isinstance(self._storage, _LocalWindows)
+        window = await self._storage.get_sliding_window(w.item.key_for(w.subject), w.expiry)
+        return _judge(w, *window)
+
+    def _take_local_slot(self, subject: str, limit: int) -> bool:
+        held = self._local_slots.get(subject, 0)
+        if held >= limit:
+            return False
+        self._local_slots[subject] = held + 1
+        return True
+
+    def _free_local_slot(self, subject: str) -> None:
+        held = self._local_slots.get(subject, 0) - 1
+        if held > 0:
+            self._local_slots[subject] = held
+        else:
+            self._local_slots.pop(subject, None)
 
     async def _acquire_slot(self, subject: str, limit: int) -> str | None:
         storage = self._storage
+        assert not isinstance(storage, _LocalWindows)
         if isinstance(storage, MemoryStorage):
-            held = self._local_slots.get(subject, 0)
-            if held >= limit:
-                return None
-            self._local_slots[subject] = held + 1
-            return subject
+            return subject if self._take_local_slot(subject, limit) else None
         token = uuid.uuid4().hex
         now = time.time()
         ok = await _client(storage).eval(
@@ -324,12 +461,9 @@ class RateLimiter:
 
     async def _release_slot(self, subject: str, token: str) -> None:
         storage = self._storage
+        assert not isinstance(storage, _LocalWindows)
         if isinstance(storage, MemoryStorage):
-            held = self._local_slots.get(subject, 0) - 1
-            if held > 0:
-                self._local_slots[subject] = held
-            else:
-                self._local_slots.pop(subject, None)
+            self._free_local_slot(subject)
             return
         await _client(storage).zrem(self._slot_key(storage, subject), [token])
 
@@ -340,8 +474,9 @@ class RateLimiter:
     async def _adjust(self, w: _Window, delta: int) -> None:
         """Move the current window's counter by `delta` without a limit check, floored at 0."""
         storage = self._storage
+        assert not isinstance(storage, _LocalWindows)
         key = w.item.key_for(w.subject)
-        expiry = w.item.get_expiry()
+        expiry = w.expiry
         if isinstance(storage, MemoryStorage):
             _, current = storage.sliding_window_keys(key, expiry, time.time())
             if delta > 0:
@@ -369,6 +504,15 @@ class RateLimiter:
     async def _finish(
         self, slots: list[tuple[str, str]], tokens: list[_Window], actual: int | None
     ) -> None:
+        store = self._storage
+        if isinstance(store, _LocalWindows):
+            for subject, _ in slots:
+                self._free_local_slot(subject)
+            if actual is not None:
+                for w in tokens:
+                    if actual != w.cost:
+                        store.add(w.local_key(), w.expiry, time.time(), actual - w.cost)
+            return
         try:
             async with self._guard():
                 for subject, token in slots:
@@ -387,6 +531,27 @@ class _StorageDown(Exception):
 
 def _label(kind: str) -> str:
     return f"{kind} per minute"
+
+
+def _judge(w: _Window, prev: int, prev_ttl: float, cur: int, cur_ttl: float) -> float | None:
+    """Fill in the window's state as if `w.cost` were charged; seconds to wait if it can't."""
+    expiry = w.expiry
+    limit = w.item.amount
+    weighted = math.floor(prev * prev_ttl / expiry) + cur
+    shift = cur_ttl - expiry if cur_ttl > expiry else expiry  # until `cur` becomes previous
+    if weighted + w.cost > limit:
+        if cur + w.cost <= limit:
+            wait = prev_ttl - (limit - w.cost - cur + 1) * expiry / prev
+        else:
+            wait = shift + expiry - (limit - w.cost + 1) * expiry / cur
+        return max(wait, 0.0) + 0.001  # the inequality is strict
+    w.remaining = limit - weighted - w.cost
+    w.reset_s = shift + expiry
+    return None
+
+
+def _no_slot(subject: str, limit: int) -> RateLimited:
+    return RateLimited(f"parallel requests limit of {limit} reached for {subject}", retry_after=1)
 
 
 def _refusal(w: _Window, wait: float) -> RateLimited:

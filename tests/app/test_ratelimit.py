@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import re
 import socket
 import subprocess
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from app.errors import RateLimited, ServiceUnavailable
-from app.ratelimit import Limits, RateLimiter, format_duration
+from app.ratelimit import Limits, RateLimiter, _LocalWindows, format_duration
 
 REDIS_URI = "redis://127.0.0.1:6379/9"
 STORAGES = ["memory://", REDIS_URI]
@@ -349,3 +350,81 @@ async def test_warm_up_reports_a_dead_storage() -> None:
         assert not await limiter.warm_up(within_s=1)
     finally:
         await limiter.aclose()
+
+
+class FakeClock:
+    """`time.time` standing still between steps, so two limiters can see the same instants."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def outcome(admission_or_refusal: Any) -> tuple[Any, ...]:
+    if isinstance(admission_or_refusal, RateLimited):
+        refused = admission_or_refusal
+        return ("refused", refused.message, refused.code, refused.retry_after)
+    admission = admission_or_refusal
+    windows = [(w.kind, w.subject, w.remaining, w.reset_s) for w in admission._windows]
+    return ("admitted", admission.headers(), windows)
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_memory_store_matches_limits_memory_storage(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = random.Random(seed)
+    clock = FakeClock(1_700_000_000.0 + rng.uniform(0, 86_400 * 30))
+    monkeypatch.setattr(time, "time", clock)
+    ours = RateLimiter("memory://")
+    theirs = RateLimiter("memory://", _limits_memory=True)
+    assert isinstance(ours._storage, _LocalWindows)
+    assert not isinstance(theirs._storage, _LocalWindows)
+    profiles = {
+        "key:a": [
+            Limits(requests_per_minute=8, tokens_per_minute=900, max_parallel=3),
+            Limits(requests_per_minute=12, tokens_per_minute=900, max_parallel=3),
+        ],
+        "key:b": [
+            Limits(tokens_per_minute=400, tokens_per_period=3_000, period="day"),
+            Limits(requests_per_minute=5, tokens_per_period=20_000, period="month"),
+        ],
+        "model:m": [Limits(requests_per_minute=10, tokens_per_minute=1_500, max_parallel=4)],
+    }
+    held: list[tuple[Any, Any]] = []
+    decisions = {"admitted": 0, "refused": 0}
+    try:
+        for _ in range(1_500):
+            step = rng.random()
+            if step < 0.02:
+                clock.now += rng.choice([86_400.0, 86_400.0 * 30, rng.uniform(60, 7_200)])
+            elif step < 0.3:
+                clock.now += rng.expovariate(1 / 3)
+            if rng.random() < 0.05:
+                await asyncio.sleep(0)  # let limits' expiry task run
+            if held and rng.random() < 0.45:
+                mine, reference = held.pop(rng.randrange(len(held)))
+                actual = rng.choice([None, rng.randint(0, 700), -5])
+                await mine.release(actual)
+                await reference.release(actual)
+                continue
+            chosen = rng.sample(sorted(profiles), rng.randint(1, 3))
+            subjects = [(s, rng.choice(profiles[s])) for s in chosen]
+            estimate = rng.randint(0, 450)
+            results = []
+            for limiter in (ours, theirs):
+                try:
+                    results.append(await limiter.admit_all(subjects, estimate))
+                except RateLimited as exc:
+                    results.append(exc)
+            assert outcome(results[0]) == outcome(results[1])
+            decisions[outcome(results[0])[0]] += 1
+            if not isinstance(results[0], RateLimited):
+                held.append((results[0], results[1]))
+        assert ours._local_slots == theirs._local_slots
+        assert min(decisions.values()) > 100  # both branches well exercised
+    finally:
+        await ours.aclose()
+        await theirs.aclose()
