@@ -37,12 +37,15 @@ class GatewayError(Exception):
         param: str | None = None,
         code: str | None = None,
         retry_after: float | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code if code is not None else self.default_code
         self.retry_after = retry_after
+        self.headers = headers or {}
+        """Extra response headers (e.g. the x-ratelimit ones on a 429)."""
 
     @property
     def status_code(self) -> int:

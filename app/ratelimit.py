@@ -322,7 +322,9 @@ class RateLimiter:
             if w.cost > w.item.amount:
                 raise RateLimited(
                     f"{_label(w.kind)} limit is {w.item.amount} for {w.subject}; this request"
-                    f" needs {w.cost} and can never fit"
+                    f" needs {w.cost} and can never fit",
+                    # retrying cannot help; the openai SDKs honour this header
+                    headers={"x-should-retry": "false"},
                 )
         if isinstance(self._storage, _LocalWindows):
             return self._admit_local(self._storage, windows, parallel)
@@ -562,9 +564,16 @@ def _refusal(w: _Window, wait: float) -> RateLimited:
             code="insufficient_quota",
             retry_after=math.ceil(wait),
         )
+    # OpenAI sends the x-ratelimit headers on the refusal too: here for the window that refused.
+    headers = {
+        f"x-ratelimit-limit-{w.kind}": str(w.item.amount),
+        f"x-ratelimit-remaining-{w.kind}": str(max(0, w.remaining)),
+        f"x-ratelimit-reset-{w.kind}": format_duration(wait),
+    }
     return RateLimited(
         f"rate limit reached for {w.subject}: {w.item.amount} {_label(w.kind)}",
         retry_after=math.ceil(wait * 1000) / 1000,
+        headers=headers,
     )
 
 

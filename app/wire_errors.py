@@ -43,6 +43,7 @@ def translate(exc: BaseException) -> WireError:
     """Map any exception to its wire form; unknown ones are logged and become a 500."""
     headers: dict[str, str] = {}
     if isinstance(exc, GatewayError):
+        headers.update(exc.headers)
         if exc.retry_after is not None:
             headers["retry-after"] = str(max(1, math.ceil(exc.retry_after)))
             # The openai SDKs read the precise value first.

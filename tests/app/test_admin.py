@@ -135,6 +135,9 @@ async def test_rate_limit_429_and_headers(gateway_client: Any) -> None:
     assert error["code"] == "rate_limit_exceeded"
     assert error["type"] == "rate_limit_error"
     assert 1 <= int(refused.headers["retry-after"]) <= 60
+    assert refused.headers["x-ratelimit-limit-requests"] == "2"
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert refused.headers["x-ratelimit-reset-requests"].endswith("s")
 
 
 @pytest.mark.slow

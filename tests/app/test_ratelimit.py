@@ -95,6 +95,7 @@ async def test_estimate_over_the_limit_never_fits(make_limiter: LimiterFactory) 
     with pytest.raises(RateLimited, match="never fit") as refused:
         await limiter.admit("key:a", Limits(tokens_per_minute=100), 101)
     assert refused.value.retry_after is None
+    assert refused.value.headers == {"x-should-retry": "false"}
 
 
 async def test_parallel_slots(make_limiter: LimiterFactory) -> None:
