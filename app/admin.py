@@ -67,11 +67,19 @@ class Rotate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """How long the old key keeps working."""
 
 
-def parse_time(text: str, now: datetime) -> datetime:
-    """`24h`, `30m`, `7d`, `90s` before `now`, or an ISO 8601 time (UTC when naive)."""
+def parse_duration(text: str) -> timedelta | None:
+    """`24h`, `30m`, `7d`, `90s` as a timedelta; None when `text` is not a duration."""
     match = _DURATION.match(text.strip())
-    if match:
-        return now - timedelta(seconds=float(match["n"]) * _UNITS[match["unit"]])
+    if match is None:
+        return None
+    return timedelta(seconds=float(match["n"]) * _UNITS[match["unit"]])
+
+
+def parse_time(text: str, now: datetime) -> datetime:
+    """A duration before `now` (`24h`, `7d`), or an ISO 8601 time (UTC when naive)."""
+    ago = parse_duration(text)
+    if ago is not None:
+        return now - ago
     try:
         parsed = datetime.fromisoformat(text.strip())
     except ValueError as exc:
@@ -154,7 +162,6 @@ async def update_key(
         for name in body.__struct_fields__
         if getattr(body, name) is not UNSET
     }
-    await _record(gateway, key_id)
     record = await gateway.keys.update(key_id, **changes)
     gateway.key_cache.apply(record)
     return json_response(record.public())
@@ -166,7 +173,6 @@ async def revoke_key(
 ) -> Response[bytes]:
     """Revoke a key now; its tokens stop working too."""
     require_master(request, gateway)
-    await _record(gateway, key_id)
     record = await gateway.keys.revoke(key_id)
     gateway.key_cache.apply(record)
     return json_response(record.public())
@@ -180,7 +186,6 @@ async def rotate_key(
     require_master(request, gateway)
     raw = await request.body()
     body = decode_body(raw, Rotate) if raw.strip() else Rotate()
-    await _record(gateway, key_id)
     record, plaintext = await gateway.keys.rotate(key_id, body.grace_seconds)
     gateway.key_cache.apply(record, plaintext)
     previous = await _record(gateway, key_id)

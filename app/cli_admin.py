@@ -21,10 +21,10 @@ from typing import Any, TypeVar
 import msgspec
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.admin import parse_time
+from app.admin import parse_duration, parse_time
 from app.audit import usage_summary
 from app.config import load_config
-from app.errors import GatewayError
+from app.errors import GatewayError, InvalidRequest
 from app.keys import KeyRecord, KeyStore
 from app.storage.database import Database
 
@@ -100,8 +100,13 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.models is not None:
         out["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
     if args.expires_in is not None:
-        now = datetime.now(UTC)
-        out["expires_at"] = now + (now - parse_time(args.expires_in, now))
+        lifetime = parse_duration(args.expires_in)
+        if lifetime is None:
+            raise InvalidRequest(
+                f"--expires-in {args.expires_in!r} is not a duration like 30d or 12h",
+                param="expires_in",
+            )
+        out["expires_at"] = datetime.now(UTC) + lifetime
     return out
 
 

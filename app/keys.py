@@ -307,9 +307,9 @@ class KeyStore:
 
     async def update(self, key_id: str, **changes: Any) -> KeyRecord:
         """Change some of the `UPDATABLE` fields; NotFound or InvalidRequest otherwise."""
-        checked = {field: _check(field, value) for field, value in changes.items()}
         async with self.db.session() as session, session.begin():
             row = await self._row(session, key_id)
+            checked = {field: _check(field, value) for field, value in changes.items()}
             if checked:
                 for field, value in checked.items():
                     _set(row, field, value)

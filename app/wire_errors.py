@@ -39,7 +39,7 @@ class WireError:
     headers: dict[str, str]
 
 
-def translate(exc: BaseException) -> WireError:
+def translate(exc: BaseException, *, log_unknown: bool = True) -> WireError:
     """Map any exception to its wire form; unknown ones are logged and become a 500."""
     headers: dict[str, str] = {}
     if isinstance(exc, GatewayError):
@@ -66,7 +66,8 @@ def translate(exc: BaseException) -> WireError:
             headers.update(exc.headers)
         body = ErrorBody(message=message, type=err_type, param=None, code=code)
         return WireError(status, ErrorResponse(error=body), headers)
-    log.error("unhandled error", exc_info=exc)
+    if log_unknown:
+        log.error("unhandled error", exc_info=exc)
     body = ErrorBody(
         message="internal server error; the request id identifies it in the gateway's log",
         type="internal_error",
@@ -77,8 +78,11 @@ def translate(exc: BaseException) -> WireError:
 
 
 def error_code(exc: BaseException) -> str:
-    """What the audit log calls this failure: the error's code, else its type."""
-    error = translate(exc).body.error
+    """What the audit log calls this failure: the error's code, else its type.
+
+    Not logged here: whoever answers the client with this error logs it, once.
+    """
+    error = translate(exc, log_unknown=False).body.error
     return error.code or error.type
 
 

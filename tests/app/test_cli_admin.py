@@ -75,6 +75,7 @@ def test_only_the_hash_is_stored(config: Path, capsys: pytest.CaptureFixture[str
         (["keys", "revoke", "key_000000000000"], "no API key"),
         (["keys", "get", "key_000000000000"], "no API key"),
         (["keys", "create", "--name", "x", "--rpm", "0"], "requests_per_minute"),
+        (["keys", "create", "--name", "x", "--expires-in", "2027-01-01"], "not a duration"),
         (["usage", "--since", "yesterday-ish"], "neither a duration"),
         (["usage", "--by", "colour"], "cannot group usage by 'colour'"),
     ],
