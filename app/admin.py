@@ -217,6 +217,29 @@ async def usage(
     )
 
 
+@get("/admin/backends")
+async def backends(
+    request: Request[Any, Any, Any], gateway: NamedDependency[Gateway]
+) -> Response[bytes]:
+    """Every model's pool: each deployment's health, load, failures and cooldown."""
+    require_master(request, gateway)
+    data = []
+    for served in gateway.models:
+        routing = served.config.routing
+        data.append(
+            {
+                "model": served.config.id,
+                "strategy": routing.strategy,
+                "retries": routing.retries,
+                "health_check_interval_s": routing.health_check_interval_s,
+                "fallbacks": list(served.config.fallbacks),
+                "context_window_fallbacks": list(served.config.context_window_fallbacks),
+                "deployments": served.pool.snapshot(),
+            }
+        )
+    return json_response({"object": "list", "data": data})
+
+
 @post("/v1/auth/token", status_code=200)
 async def issue_token(
     request: Request[Any, Any, Any], gateway: NamedDependency[Gateway]

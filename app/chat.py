@@ -23,7 +23,14 @@ async def chat_completions(
 ) -> Response[bytes] | Stream:
     """Chat completion, streamed as SSE when `stream` is true."""
     req = decode_body(await request.body(), ChatCompletionRequest)
-    _, served = await gateway.admit_model(request, req.model, partial(estimate_chat, req))
-    req = prepare_chat(req, served.config, served.backend.capabilities)
-    backend = served.backend
-    return await generate(request, req, stream=backend.stream_chat, call=backend.chat)
+    ctx, served = await gateway.admit_model(request, req.model, partial(estimate_chat, req))
+    return await generate(
+        request,
+        gateway,
+        ctx,
+        served,
+        req,
+        prepare=lambda r, s: prepare_chat(r, s.config, s.capabilities),
+        stream=lambda backend, r: backend.stream_chat(r),
+        call=lambda backend, r: backend.chat(r),
+    )

@@ -23,8 +23,16 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app import __version__
 from app.cli_admin import add_commands as add_admin_commands
-from app.config import LOOPBACK_HOSTS, Config, ConfigError, load_config
+from app.config import (
+    LOOPBACK_HOSTS,
+    Config,
+    ConfigError,
+    deployment_label,
+    load_config,
+    model_deployments,
+)
 from app.gateway import Gateway
+from app.monitor import check_deployment
 
 log = logging.getLogger("clawbot")
 
@@ -91,7 +99,8 @@ def banner(config: Config, host: str, port: int) -> str:
     lines = [f"clawbot {__version__} serving on {base}", "models:"]
     for m in config.models:
         aliases = f" (aliases: {', '.join(m.aliases)})" if m.aliases else ""
-        lines.append(f"  {m.id}{aliases}  [{m.backend}]")
+        backends = ", ".join(deployment_label(d.backend) for d in model_deployments(m))
+        lines.append(f"  {m.id}{aliases}  [{backends}]")
     auth_header = ' -H "Authorization: Bearer $CLAWBOT_API_KEY"' if config.auth.api_key else ""
     lines += [
         "try it:",
@@ -152,8 +161,9 @@ def check(args: argparse.Namespace) -> int:
         try:
             await gateway.start()
             for served in gateway.models:
-                if not await served.backend.health():
-                    failures.append(f"{served.config.id}: backend is not healthy")
+                for d in served.pool.deployments:
+                    if not await check_deployment(served.pool, d, 10.0):
+                        failures.append(f"{served.config.id}/{d.name}: {d.check_error}")
         finally:
             await gateway.aclose()
         return failures

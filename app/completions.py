@@ -23,7 +23,14 @@ async def completions(
 ) -> Response[bytes] | Stream:
     """Text completion, streamed as SSE when `stream` is true."""
     req = decode_body(await request.body(), CompletionRequest)
-    _, served = await gateway.admit_model(request, req.model, partial(estimate_completion, req))
-    req = prepare_completion(req, served.config, served.backend.capabilities)
-    backend = served.backend
-    return await generate(request, req, stream=backend.stream_complete, call=backend.complete)
+    ctx, served = await gateway.admit_model(request, req.model, partial(estimate_completion, req))
+    return await generate(
+        request,
+        gateway,
+        ctx,
+        served,
+        req,
+        prepare=lambda r, s: prepare_completion(r, s.config, s.capabilities),
+        stream=lambda backend, r: backend.stream_complete(r),
+        call=lambda backend, r: backend.complete(r),
+    )

@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 from msgspec import Meta, Struct
@@ -124,13 +125,83 @@ class SamplingDefaults(Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     """Default stop sequences."""
 
 
+Seconds = Annotated[float, Meta(gt=0)]
+
+
+class Timeouts(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Time limits of one deployment; unset ones fall back to the defaults named."""
+
+    connect_s: Seconds | None = None
+    """Establishing a connection to a remote deployment (default 5 s)."""
+    first_token_s: Seconds | None = None
+    """From sending a streamed request to its first item; past it the next deployment is tried."""
+    total_s: Seconds | None = None
+    """One whole call, stream included (default `model_server.timeout`)."""
+
+
+class DeploymentConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One backend in a model's pool."""
+
+    backend: Annotated[str, Meta(min_length=1)]
+    """Backend spec, as a model's `backend`."""
+    name: str = ""
+    """Unique within the model; defaults to the backend spec without credentials."""
+    weight: PositiveInt = 1
+    """Share of traffic under `weighted_round_robin`."""
+    priority: int = 0
+    """Lower is tried first under `priority` (the primary); ties keep config order."""
+    max_parallel: PositiveInt | None = None
+    """Most requests in flight here; a full deployment is skipped."""
+    upstream_model: str | None = None
+    """Model name sent to a remote deployment (its `options.upstream_model`)."""
+    api_key: str | None = None
+    """Key for a remote deployment (its `options.api_key`)."""
+    api_key_env: str | None = None
+    """Environment variable holding that key (its `options.api_key_env`)."""
+    timeouts: Timeouts = Timeouts()
+    """Time limits."""
+    options: dict[str, Any] = {}
+    """Backend-specific options, as a model's `options`."""
+
+
+class RoutingSettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """How a model's deployments share traffic and when one is taken out."""
+
+    strategy: Literal["priority", "weighted_round_robin", "least_busy"] = "priority"
+    """`priority`: primary then backups; `weighted_round_robin`: by weight; `least_busy`:
+    fewest requests in flight."""
+    retries: Annotated[int, Meta(ge=0)] = 2
+    """Further deployments tried after a failure before the first byte."""
+    deadline_s: Seconds | None = None
+    """Total time for all attempts of one request (default `model_server.timeout`)."""
+    failures_to_trip: PositiveInt = 3
+    """Failures within `failure_window_s` that put a deployment in cooldown."""
+    failure_window_s: Seconds = 60.0
+    """Window over which failures are counted."""
+    cooldown_s: Seconds = 30.0
+    """Time out of rotation before one trial request is let through."""
+    health_check_interval_s: Annotated[float, Meta(ge=0)] = 10.0
+    """Background health checks (`GET /models` upstream, loaded state in-process); 0: off."""
+    health_check_timeout_s: Seconds = 5.0
+    """A health check slower than this fails."""
+
+
 class ModelConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """One public model: its id, aliases and the backend that serves it."""
+    """One public model: its id, aliases and the backend (or pool of them) serving it."""
 
     id: Annotated[str, Meta(min_length=1)]
     """Public model id, as clients send it in `model`."""
-    backend: Annotated[str, Meta(min_length=1)]
-    """Backend spec: `llamacpp:embedded`, `llamacpp:/path.gguf`, `http(s)://host/v1`, `mock:`."""
+    backend: str = ""
+    """Backend spec: `llamacpp:embedded`, `llamacpp:/path.gguf`, `http(s)://host/v1`, `mock:`.
+    Exactly one of `backend` and `deployments` is set."""
+    deployments: tuple[DeploymentConfig, ...] = ()
+    """A pool of backends serving this model, routed by `routing`."""
+    routing: RoutingSettings = RoutingSettings()
+    """Strategy, retries, breaker and health checks of the pool."""
+    fallbacks: tuple[str, ...] = ()
+    """Models tried, in order, when every deployment of this one fails or none is healthy."""
+    context_window_fallbacks: tuple[str, ...] = ()
+    """Models tried, in order, when a prompt does not fit this model's context window."""
     aliases: tuple[str, ...] = ()
     """Other names clients may use for this model."""
     context_length: PositiveInt | None = None
@@ -254,6 +325,8 @@ def _check(config: Config, source: str) -> None:
                     f"{source}: models[{index}]: name {name!r} is already used by models[{first}]"
                 )
             seen[name] = index
+    for index, model in enumerate(config.models):
+        _check_model(model, f"{source}: models[{index}]", seen)
     server = config.model_server
     if server.protocol == "https":
         for key in ("tls_cert", "tls_key"):
@@ -264,3 +337,38 @@ def _check(config: Config, source: str) -> None:
                 )
             if not Path(value).is_file():
                 raise ConfigError(f"{source}: model_server.{key}: file not found: {value!r}")
+
+
+def _check_model(model: ModelConfig, where: str, names: Mapping[str, int]) -> None:
+    if bool(model.backend) == bool(model.deployments):
+        raise ConfigError(f"{where} ({model.id}): set exactly one of 'backend' and 'deployments'")
+    deployment_names = [d.name or deployment_label(d.backend) for d in model.deployments]
+    for i, name in enumerate(deployment_names):
+        if name in deployment_names[:i]:
+            raise ConfigError(
+                f"{where}.deployments[{i}]: name {name!r} is used twice; give each deployment "
+                "a distinct 'name'"
+            )
+    for key in ("fallbacks", "context_window_fallbacks"):
+        for name in getattr(model, key):
+            if name not in names:
+                raise ConfigError(f"{where}.{key}: no model is called {name!r}")
+            if name in (model.id, *model.aliases):
+                raise ConfigError(f"{where}.{key}: {name!r} is this model itself")
+
+
+def deployment_label(spec: str) -> str:
+    """A backend spec without the credentials a URL may carry (for names, logs and audit)."""
+    parts = urlsplit(spec)
+    if parts.password is None and parts.username is None:
+        return spec
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def model_deployments(model: ModelConfig) -> tuple[DeploymentConfig, ...]:
+    """A model's pool; a model with a single `backend` is a pool of one."""
+    if model.deployments:
+        return model.deployments
+    return (DeploymentConfig(backend=model.backend, name="default"),)

@@ -10,6 +10,7 @@ from litestar.di import NamedDependency
 
 from app.accounting import exchange_for
 from app.bodies import decode_body
+from app.dispatch import Dispatcher, PerModel
 from app.gateway import Gateway
 from app.params import prepare_embedding
 from app.protocol import EmbeddingRequest
@@ -24,8 +25,11 @@ async def embeddings(
     """Embeddings of a string, strings, or token-id arrays, in input order."""
     req = decode_body(await request.body(), EmbeddingRequest)
     exchange = exchange_for(request.scope)
-    _, served = await gateway.admit_model(request, req.model, partial(estimate_embedding, req))
-    req = prepare_embedding(req, served.config, served.backend.capabilities)
-    result = await served.backend.embed(req)
+    ctx, served = await gateway.admit_model(request, req.model, partial(estimate_embedding, req))
+    per_model = PerModel(req, lambda r, s: prepare_embedding(r, s.config, s.capabilities))
+    per_model(served)
+    result = await Dispatcher(gateway, exchange, ctx).call(
+        served, lambda s, d: d.backend.embed(per_model(s))
+    )
     exchange.record_usage(result.usage.prompt_tokens, 0)
     return json_response(result)

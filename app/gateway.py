@@ -9,7 +9,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from limits.errors import ConfigurationError
 from litestar import Request
@@ -21,9 +20,12 @@ from app.context import RequestContext, credential_of
 from app.edge import request_id_of
 from app.errors import ModelNotFound
 from app.keys import KeyCache, KeyStore, TokenSigner, token_secret
+from app.monitor import HealthMonitor
+from app.pools import build_pool
 from app.ratelimit import Admission, Limits, RateLimiter
+from app.routing import Pool
 from app.storage.database import Database
-from backends.base import Backend, BackendFactory, build_backend
+from backends.base import Backend, BackendFactory, Capabilities, common_capabilities
 from policies.api_key import ApiKeyPolicy
 from policies.base import Policy
 from policies.budget import BudgetPolicy
@@ -35,22 +37,25 @@ log = logging.getLogger("clawbot.gateway")
 
 @dataclass(slots=True)
 class ServedModel:
-    """A configured model and the backend serving it."""
+    """A configured model and the pool of deployments serving it."""
 
     config: ModelConfig
-    backend: Backend
+    pool: Pool
     created: int
+    capabilities: Capabilities = field(init=False)
+    """What every deployment can do: requests are checked against this before routing, so
+    whether one is accepted never depends on which deployment it would land on."""
     ready: bool = False
 
+    def __post_init__(self) -> None:
+        self.capabilities = common_capabilities(
+            d.backend.capabilities for d in self.pool.deployments
+        )
+
     @property
-    def backend_label(self) -> str:
-        """The backend spec without credentials, for the audit log."""
-        parts = urlsplit(self.config.backend)
-        if parts.password is None and parts.username is None:
-            return self.config.backend
-        host = parts.hostname or ""
-        netloc = f"{host}:{parts.port}" if parts.port else host
-        return urlunsplit(parts._replace(netloc=netloc))
+    def backends(self) -> list[Backend]:
+        """Every deployment's backend."""
+        return [d.backend for d in self.pool.deployments]
 
 
 def _limits(
@@ -78,11 +83,15 @@ class Gateway:
     audit: AuditWriter | None
     policies: tuple[Policy, ...] = ()
     names: dict[str, ServedModel] = field(default_factory=dict)
+    monitor: HealthMonitor = field(init=False)
 
     def __post_init__(self) -> None:
         for served in self.models:
             for name in (served.config.id, *served.config.aliases):
                 self.names[name] = served
+        self.monitor = HealthMonitor(
+            [(served.pool, served.config.routing) for served in self.models]
+        )
 
     @classmethod
     def from_config(
@@ -98,7 +107,7 @@ class Gateway:
         models = tuple(
             ServedModel(
                 model,
-                build_backend(model, timeout_s=timeout_s, index=i, factories=factories),
+                build_pool(model, index=i, default_timeout_s=timeout_s, factories=factories),
                 created,
             )
             for i, model in enumerate(config.models)
@@ -146,21 +155,24 @@ class Gateway:
             self.audit.start()
         for served in self.models:
             started = time.perf_counter()
-            await served.backend.start()
+            for deployment in served.pool.deployments:
+                await deployment.backend.start()
             served.ready = True
             log.info(
                 "model %s ready (%s) in %.2fs",
                 served.config.id,
-                served.config.backend,
+                ", ".join(d.label for d in served.pool.deployments),
                 time.perf_counter() - started,
             )
+        self.monitor.start()
 
     async def aclose(self) -> None:
         """Flush the audit log, close backends, the limiter and the database."""
+        await self.monitor.aclose()
         if self.audit is not None:
             await self.audit.aclose()
         results = await asyncio.gather(
-            *(served.backend.aclose() for served in self.models),
+            *(backend.aclose() for served in self.models for backend in served.backends),
             self.key_cache.aclose(),
             self.limiter.aclose(),
             return_exceptions=True,
@@ -219,9 +231,6 @@ class Gateway:
         """`admit` for a request naming a model; returns the resolved model too."""
         ctx, served = await self.admit(request, model, estimate)
         assert served is not None  # admit raised ModelNotFound otherwise
-        exchange = exchange_of(request.scope)
-        if exchange is not None:
-            exchange.backend = served.backend_label
         return ctx, served
 
     async def admit(

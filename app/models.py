@@ -15,7 +15,10 @@ from app.responses import json_response
 
 def model_object(served: ServedModel) -> Model:
     """The OpenAI Model object of a served model, with its context length."""
-    context = served.config.context_length or getattr(served.backend, "context_length", None)
+    context = served.config.context_length or next(
+        (n for b in served.backends if isinstance(n := getattr(b, "context_length", None), int)),
+        None,
+    )
     return Model(
         id=served.config.id,
         created=served.created,

@@ -52,8 +52,12 @@ class Deployment:
     """Lower is tried first by priority failover."""
     max_parallel: int | None = None
     """Most requests in flight at once; a full deployment is skipped."""
-    timeout_s: float | None = None
-    """Time allowed for one attempt to answer (or to yield its first stream item)."""
+    first_token_s: float | None = None
+    """Time allowed a stream to yield its first item before the next deployment is tried."""
+    total_s: float | None = None
+    """Time allowed one whole call (a stream until its end)."""
+    label: str = ""
+    """The backend spec without credentials, for logs, audit and `/admin/backends`."""
     in_flight: int = field(default=0, init=False)
     failures: deque[float] = field(default_factory=deque, init=False)
     """Times of recent failures, within the breaker's window."""
@@ -65,6 +69,10 @@ class Deployment:
     """Set by the health-check hooks; an unhealthy deployment gets no traffic."""
     total_successes: int = field(default=0, init=False)
     total_failures: int = field(default=0, init=False)
+    checked_at: float | None = field(default=None, init=False)
+    """Wall-clock time of the last health check."""
+    check_error: str | None = field(default=None, init=False)
+    """Why the last health check failed."""
 
     def state(self, now: float) -> BreakerState:
         """The breaker's state at `now`."""
@@ -223,14 +231,23 @@ class Pool:
         raise KeyError(name)
 
     def mark_healthy(self, name: str) -> None:
-        """Health-check hook: the deployment serves again; its breaker closes."""
+        """Health-check hook: the deployment answers; if it was down, its breaker closes.
+
+        A deployment that stayed up keeps its breaker: a server whose `/models` answers
+        while its completions fail must still cool down.
+        """
         d = self.deployment(name)
-        d.healthy = True
-        d.reset()
+        if not d.healthy:
+            log.info("pool %s: deployment %s is healthy again", self.name, d.name)
+            d.healthy = True
+            d.reset()
 
     def mark_unhealthy(self, name: str) -> None:
         """Health-check hook: take the deployment out of rotation until marked healthy."""
-        self.deployment(name).healthy = False
+        d = self.deployment(name)
+        if d.healthy:
+            log.warning("pool %s: deployment %s failed its health check", self.name, d.name)
+            d.healthy = False
 
     def snapshot(self) -> list[dict[str, Any]]:
         """Per-deployment state for `/admin/backends`."""
@@ -241,6 +258,7 @@ class Pool:
             out.append(
                 {
                     "name": d.name,
+                    "backend": d.label,
                     "healthy": d.healthy,
                     "state": d.state(now),
                     "eligible": d.eligible(now),
@@ -252,9 +270,19 @@ class Pool:
                     "total_failures": d.total_failures,
                     "total_successes": d.total_successes,
                     "cooldown_remaining_s": round(d.cooldown_remaining(now), 3),
+                    "checked_at": d.checked_at,
+                    "check_error": d.check_error,
                 }
             )
         return out
+
+    def _failed(self, d: Deployment, trial: bool) -> None:
+        if len(self.deployments) == 1:
+            # Nothing to fail over to: a cooldown would only turn transient errors into 503s.
+            # Health checks still take a pool of one out when it is down.
+            d.total_failures += 1
+            return
+        d.record_failure(self.clock(), self.breaker, trial)
 
     def _no_healthy(self, now: float) -> ServiceUnavailable:
         cooling = [d.cooldown_remaining(now) for d in self.deployments if d.healthy]
@@ -266,18 +294,20 @@ class Pool:
             retry_after=retry_after,
         )
 
-    async def _attempt(self, d: Deployment, run: Callable[[Backend], Awaitable[T]]) -> T:
-        if d.timeout_s is None:
-            return await run(d.backend)
+    async def _attempt(
+        self, d: Deployment, run: Callable[[Deployment], Awaitable[T]], limit: float | None
+    ) -> T:
+        if limit is None:
+            return await run(d)
         try:
-            async with asyncio.timeout(d.timeout_s):
-                return await run(d.backend)
+            async with asyncio.timeout(limit):
+                return await run(d)
         except TimeoutError as exc:
-            raise UpstreamTimeout(
-                f"deployment {d.name!r} did not answer within {d.timeout_s}s"
-            ) from exc
+            raise UpstreamTimeout(f"deployment {d.name!r} did not answer within {limit}s") from exc
 
-    async def _first(self, run: Callable[[Backend], Awaitable[T]]) -> tuple[Deployment, bool, T]:
+    async def _first(
+        self, run: Callable[[Deployment], Awaitable[T]], *, streaming: bool
+    ) -> tuple[Deployment, bool, T]:
         """Run `run` on deployments in try order until one answers; it stays acquired."""
         order = self.strategy.order(
             [d for d in self.deployments if d.eligible(self.clock())], self.clock()
@@ -293,13 +323,14 @@ class Pool:
                 continue
             attempts += 1
             trial = d.acquire(self.clock())
+            limit = _first_item_limit(d) if streaming else d.total_s
             try:
-                result = await self._attempt(d, run)
+                result = await self._attempt(d, run, limit)
             except GatewayError as exc:
                 d.release(trial)
                 if not is_retryable(exc):
                     raise
-                d.record_failure(self.clock(), self.breaker, trial)
+                self._failed(d, trial)
                 log.warning("pool %s: deployment %s failed: %s", self.name, d.name, exc)
                 last = exc
                 continue
@@ -313,12 +344,12 @@ class Pool:
         raise last
 
     async def _within_deadline(
-        self, run: Callable[[Backend], Awaitable[T]]
+        self, run: Callable[[Deployment], Awaitable[T]], *, streaming: bool
     ) -> tuple[Deployment, bool, T]:
         deadline = asyncio.timeout(self.deadline_s)
         try:
             async with deadline:
-                return await self._first(run)
+                return await self._first(run, streaming=streaming)
         except TimeoutError as exc:
             if deadline.expired():
                 raise UpstreamTimeout(
@@ -326,18 +357,19 @@ class Pool:
                 ) from exc
             raise
 
-    async def call(self, fn: Callable[[Backend], Awaitable[T]]) -> T:
+    async def call(self, fn: Callable[[Deployment], Awaitable[T]]) -> T:
         """Run `fn` on a deployment, failing over on upstream failures."""
-        d, trial, result = await self._within_deadline(fn)
+        d, trial, result = await self._within_deadline(fn, streaming=False)
         d.release(trial)
         return result
 
-    async def stream(self, fn: Callable[[Backend], AsyncIterator[X]]) -> AsyncGenerator[X, None]:
+    async def stream(self, fn: Callable[[Deployment], AsyncIterator[X]]) -> AsyncGenerator[X, None]:
         """Stream from a deployment; fails over until the first item, never after."""
         iterators: list[AsyncIterator[X]] = []
+        started = asyncio.get_running_loop().time()
 
-        async def first(backend: Backend) -> X | _Empty:
-            it = fn(backend)
+        async def first(d: Deployment) -> X | _Empty:
+            it = fn(d)
             try:
                 item = await anext(it)
             except StopAsyncIteration:
@@ -348,23 +380,54 @@ class Pool:
             iterators.append(it)
             return item
 
-        d, trial, head = await self._within_deadline(first)
+        d, trial, head = await self._within_deadline(first, streaming=True)
         try:
             if isinstance(head, _Empty):
                 return
             it = iterators[-1]
             try:
                 yield head
-                async for item in it:
-                    yield item
+                if d.total_s is None:
+                    async for item in it:
+                        yield item
+                else:
+                    async for item in _until(it, d, started + d.total_s):
+                        yield item
             except GatewayError as exc:
                 if is_retryable(exc):
-                    d.record_failure(self.clock(), self.breaker, trial=False)
+                    self._failed(d, trial=False)
                 raise
             finally:
                 await _aclose(it)
         finally:
             d.release(trial)
+
+
+def _first_item_limit(d: Deployment) -> float | None:
+    if d.first_token_s is None:
+        return d.total_s
+    if d.total_s is None:
+        return d.first_token_s
+    return min(d.first_token_s, d.total_s)
+
+
+async def _until(it: AsyncIterator[X], d: Deployment, deadline: float) -> AsyncIterator[X]:
+    """The rest of a stream, cut with UpstreamTimeout at `deadline` (event-loop time).
+
+    The timeout wraps each `anext` rather than the loop: a timeout around a `yield` would
+    fire in the consumer's code instead of the upstream read it is meant to cancel.
+    """
+    while True:
+        try:
+            async with asyncio.timeout_at(deadline):
+                item = await anext(it)
+        except StopAsyncIteration:
+            return
+        except TimeoutError as exc:
+            raise UpstreamTimeout(
+                f"deployment {d.name!r} did not finish its stream within {d.total_s}s"
+            ) from exc
+        yield item
 
 
 async def _aclose(it: AsyncIterator[Any]) -> None:

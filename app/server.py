@@ -54,6 +54,7 @@ def build_litestar(gateway: Gateway, on_ready: Callable[[], None] | None = None)
             admin.revoke_key,
             admin.rotate_key,
             admin.usage,
+            admin.backends,
             admin.issue_token,
         ],
         dependencies={"gateway": Provide(_gateway, sync_to_thread=False)},

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Protocol, runtime_checkable
@@ -103,24 +103,48 @@ def backend_factories() -> dict[str, BackendFactory]:
     return factories
 
 
+def common_capabilities(caps: Iterable[Capabilities]) -> Capabilities:
+    """What every one of several backends can do (a pool promises only that)."""
+    caps = list(caps)
+    return Capabilities(
+        chat=all(c.chat for c in caps),
+        completions=all(c.completions for c in caps),
+        embeddings=all(c.embeddings for c in caps),
+        max_n=min(c.max_n for c in caps),
+        tools=all(c.tools for c in caps),
+        vision=all(c.vision for c in caps),
+        token_inputs=all(c.token_inputs for c in caps),
+    )
+
+
+def backend_scheme(spec: str) -> str:
+    """The registry key of a backend spec (`http`, `llamacpp`, ...)."""
+    return spec.partition(":")[0]
+
+
 def build_backend(
     model: ModelConfig,
     *,
     timeout_s: float,
     index: int = 0,
     factories: dict[str, BackendFactory] | None = None,
+    where: str | None = None,
 ) -> Backend:
-    """Build the backend for `model` from its spec; a bad spec is a ConfigError."""
+    """Build the backend for `model` from its spec; a bad spec is a ConfigError.
+
+    `where` names the config entry in errors (default `models[index]`).
+    """
     factories = backend_factories() if factories is None else factories
+    where = f"models[{index}]" if where is None else where
     scheme, sep, rest = model.backend.partition(":")
     if not sep or scheme not in factories:
         known = ", ".join(sorted(factories))
         raise ConfigError(
-            f"models[{index}].backend: unknown backend {model.backend!r} "
+            f"{where}.backend: unknown backend {model.backend!r} "
             f"(expected one of the schemes: {known}; e.g. 'llamacpp:embedded')"
         )
     target = model.backend if scheme in ("http", "https") else rest
     try:
         return factories[scheme](BackendSpec(model, scheme, target, timeout_s))
     except ConfigError as exc:
-        raise ConfigError(f"models[{index}] ({model.id}): {exc}") from exc
+        raise ConfigError(f"{where} ({model.id}): {exc}") from exc

@@ -2,7 +2,8 @@
 
 Replies are a fixed text or an echo of the last user message, split into word "tokens";
 embeddings are unit vectors derived from a hash of the input. Options:
-`reply`, `token_delay_ms`, `dimensions`, `fail_after_tokens` (raise mid-stream), `healthy`.
+`reply`, `token_delay_ms`, `dimensions`, `fail_after_tokens` (raise mid-stream), `fail_with`
+(raise before anything: what a failing upstream would), `healthy`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from app.errors import UpstreamError
+from app.errors import (
+    ContextLengthExceeded,
+    GatewayError,
+    UpstreamError,
+    UpstreamStatusError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from app.protocol import (
     ChatChoice,
     ChatCompletion,
@@ -54,6 +62,9 @@ _WORD = re.compile(r"\S+\s*|\s+")
 _LOGPROB = -0.25
 
 
+Failure = Literal["unavailable", "timeout", "server_error", "rate_limited", "context_length"]
+
+
 class MockOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Options of the mock backend."""
 
@@ -65,8 +76,21 @@ class MockOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     """Embedding size."""
     fail_after_tokens: int | None = None
     """Raise an upstream error after this many tokens (tests mid-stream failures)."""
+    fail_with: Failure | None = None
+    """Fail every call before its first token with this error."""
     healthy: bool = True
     """What `health()` reports."""
+
+
+def _failure(kind: Failure) -> GatewayError:
+    if kind == "unavailable":
+        return UpstreamUnavailable("mock backend is unreachable", retry_after=1)
+    if kind == "timeout":
+        return UpstreamTimeout("mock backend timed out")
+    if kind == "context_length":
+        return ContextLengthExceeded("mock backend: the prompt exceeds the context window")
+    status = 500 if kind == "server_error" else 429
+    return UpstreamStatusError(f"mock backend answered {status}", upstream_status=status)
 
 
 def tokens_of(text: str) -> list[str]:
@@ -100,6 +124,8 @@ class MockBackend:
         """Nothing to release."""
 
     def _generate(self, prompt: str, max_tokens: int | None, stop: list[str]) -> _Generation:
+        if self.options.fail_with is not None:
+            raise _failure(self.options.fail_with)
         text = self.options.reply if self.options.reply is not None else f"You said: {prompt}"
         finish: Literal["stop", "length"] = "stop"
         cut = first_stop(text, stop)
@@ -256,6 +282,8 @@ class MockBackend:
 
     async def embed(self, req: EmbeddingRequest) -> EmbeddingList:
         """Hash-derived unit vectors, one per input, in input order."""
+        if self.options.fail_with is not None:
+            raise _failure(self.options.fail_with)
         texts = [req.input] if isinstance(req.input, str) else [str(t) for t in req.input]
         tokens = sum(len(tokens_of(t)) for t in texts)
         return embedding_list([self._vector(t) for t in texts], req, model=req.model, tokens=tokens)

@@ -60,6 +60,37 @@ def test_defaults() -> None:
             {"models": [MODEL], "model_server": {"protocol": "https"}},
             "model_server.tls_cert is required",
         ),
+        ({"models": [{"id": "m"}]}, "set exactly one of 'backend' and 'deployments'"),
+        (
+            {"models": [{**MODEL, "deployments": [{"backend": "mock:"}]}]},
+            "set exactly one of 'backend' and 'deployments'",
+        ),
+        (
+            {"models": [{"id": "m", "deployments": [{"backend": "mock:"}, {"backend": "mock:"}]}]},
+            "models[0].deployments[1]: name 'mock:' is used twice",
+        ),
+        (
+            {"models": [{"id": "m", "deployments": [{"name": "a"}]}]},
+            "models[0].deployments[0]: Object missing required field `backend`",
+        ),
+        (
+            {"models": [{**MODEL, "deployments": (), "routing": {"strategy": "random"}}]},
+            "models[0].routing.strategy",
+        ),
+        ({"models": [{**MODEL, "routing": {"retries": -1}}]}, "models[0].routing.retries"),
+        ({"models": [{**MODEL, "fallbacks": ["nope"]}]}, "models[0].fallbacks: no model is called"),
+        (
+            {"models": [{**MODEL, "aliases": ["a"], "context_window_fallbacks": ["a"]}]},
+            "models[0].context_window_fallbacks: 'a' is this model itself",
+        ),
+        (
+            {
+                "models": [
+                    {"id": "m", "deployments": [{"backend": "mock:", "timeouts": {"total_s": 0}}]}
+                ]
+            },
+            "models[0].deployments[0].timeouts.total_s",
+        ),
         (
             {
                 "models": [MODEL],
@@ -113,6 +144,46 @@ def test_backend_spec_errors(backend: str, options: dict[str, Any], expected: st
         Gateway.from_config(config)
     assert expected in str(info.value)
     assert "models[0]" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("deployment", "expected"),
+    [
+        ({"backend": "nope:x"}, "models[0].deployments[1].backend: unknown backend 'nope:x'"),
+        ({"backend": "mock:", "upstream_model": "x"}, "upstream_model only apply to http(s)"),
+        (
+            {"backend": "mock:", "timeouts": {"connect_s": 1}},
+            "timeouts.connect_s only apply to http(s)",
+        ),
+        ({"backend": "mock:", "options": {"nope": 1}}, "models[0].deployments[1] (m)"),
+    ],
+)
+def test_deployment_errors_name_the_deployment(deployment: dict[str, Any], expected: str) -> None:
+    config = parse_config(
+        {"models": [{"id": "m", "deployments": [{"backend": "mock:", "name": "a"}, deployment]}]}
+    )
+    with pytest.raises(ConfigError) as info:
+        Gateway.from_config(config)
+    assert expected in str(info.value)
+
+
+def test_deployment_names_default_to_the_spec_without_credentials() -> None:
+    config = parse_config(
+        {
+            "models": [
+                {
+                    "id": "m",
+                    "deployments": [
+                        {"backend": "http://user:secret@10.0.0.1:8000/v1"},
+                        {"backend": "mock:", "name": "local"},
+                    ],
+                }
+            ]
+        }
+    )
+    pool = Gateway.from_config(config).models[0].pool
+    assert [d.name for d in pool.deployments] == ["http://10.0.0.1:8000/v1", "local"]
+    assert "secret" not in repr(pool.snapshot())
 
 
 def test_bad_rate_limit_storage_is_a_config_error() -> None:

@@ -59,8 +59,12 @@ class Fake:
         gate: asyncio.Event | None = None,
         items: Iterable[str] = ("x", "y", "z"),
         fail_at: int | None = None,
+        item_delay: float = 0.0,
+        hang_at: int | None = None,
     ) -> None:
         self.name = name
+        self.item_delay = item_delay
+        self.hang_at = hang_at
         self.script = list(script)
         self.gate = gate
         self.items = list(items)
@@ -88,6 +92,10 @@ class Fake:
             for index, item in enumerate(self.items):
                 if index == self.fail_at:
                     raise UpstreamError(f"{self.name} broke mid-stream")
+                if index == self.hang_at:
+                    await asyncio.sleep(3600)
+                if index:
+                    await asyncio.sleep(self.item_delay)
                 yield f"{self.name}:{item}"
         finally:
             self.stream_closed = True
@@ -107,12 +115,19 @@ def make_pool(
     return Pool("m", deployments, strategy or PriorityFailover(), clock=clock or Clock(), **kw)
 
 
+def with_down_spare(backend: Any, **kw: Any) -> Pool:
+    """A pool whose only live deployment is `backend` (a pool of one never cools down)."""
+    pool = make_pool(backend, Fake("spare"), **kw)
+    pool.mark_unhealthy("spare")
+    return pool
+
+
 async def chat(pool: Pool) -> Any:
-    return await pool.call(lambda b: b.chat(REQ))
+    return await pool.call(lambda d: d.backend.chat(REQ))
 
 
 async def collect(pool: Pool) -> list[Any]:
-    return [item async for item in pool.stream(lambda b: b.stream_chat(REQ))]
+    return [item async for item in pool.stream(lambda d: d.backend.stream_chat(REQ))]
 
 
 async def drain(stream: AsyncIterator[Any], into: list[Any]) -> None:
@@ -277,7 +292,7 @@ async def test_total_deadline_ends_the_failover_with_a_timeout() -> None:
 
 async def test_deployment_timeout_counts_as_failure_and_fails_over() -> None:
     a, b = Fake("a", [HANG]), Fake("b")
-    ds = [deployment(a, timeout_s=0.02), deployment(b, priority=1)]
+    ds = [deployment(a, total_s=0.02), deployment(b, priority=1)]
     pool = Pool("m", ds, PriorityFailover(), clock=Clock())
     assert await chat(pool) == "b"
     assert pool.deployment("a").total_failures == 1
@@ -364,7 +379,7 @@ async def trip(pool: Pool, clock: Clock) -> None:
 async def test_nothing_eligible_answers_immediately_with_retry_after() -> None:
     clock = Clock()
     a = Fake("a", [UpstreamError("x")] * 3)
-    pool = make_pool(a, clock=clock, retries=0, breaker=Breaker(cooldown_s=30))
+    pool = with_down_spare(a, clock=clock, retries=0, breaker=Breaker(cooldown_s=30))
     await trip(pool, clock)
     for elapsed, expected in ((0.0, 30.0), (10.0, 20.0), (0.5, 20.0), (19.2, 1.0)):
         clock.advance(elapsed)
@@ -380,7 +395,7 @@ async def test_half_open_lets_one_trial_through_and_closes_on_success() -> None:
     clock = Clock()
     gate = asyncio.Event()
     a = Fake("a", [UpstreamError("x")] * 3)
-    pool = make_pool(a, clock=clock, retries=0, breaker=Breaker(cooldown_s=30))
+    pool = with_down_spare(a, clock=clock, retries=0, breaker=Breaker(cooldown_s=30))
     await trip(pool, clock)
     clock.advance(30)
     assert pool.deployment("a").state(clock()) == "half_open"
@@ -399,7 +414,7 @@ async def test_half_open_lets_one_trial_through_and_closes_on_success() -> None:
 async def test_failed_trial_reopens_the_breaker() -> None:
     clock = Clock()
     a = Fake("a", [UpstreamError("x")] * 4)
-    pool = make_pool(a, clock=clock, retries=0, breaker=Breaker(cooldown_s=30))
+    pool = with_down_spare(a, clock=clock, retries=0, breaker=Breaker(cooldown_s=30))
     await trip(pool, clock)
     clock.advance(31)
     with pytest.raises(UpstreamError):
@@ -414,7 +429,7 @@ async def test_failed_trial_reopens_the_breaker() -> None:
 async def test_trial_ending_in_a_client_error_frees_the_trial_slot() -> None:
     clock = Clock()
     a = Fake("a", [*[UpstreamError("x")] * 3, InvalidRequest("bad")])
-    pool = make_pool(a, clock=clock, retries=0)
+    pool = with_down_spare(a, clock=clock, retries=0)
     await trip(pool, clock)
     clock.advance(30)
     with pytest.raises(InvalidRequest):
@@ -446,7 +461,10 @@ async def test_health_hooks() -> None:
         await chat(pool)
     assert caught.value.retry_after == 30
     pool.mark_healthy("a")
-    assert pool.deployment("a").state(clock()) == "closed"
+    assert pool.deployment("a").state(clock()) == "open", "a check that passes keeps the breaker"
+    pool.mark_unhealthy("a")
+    pool.mark_healthy("a")
+    assert pool.deployment("a").state(clock()) == "closed", "down then up closes the breaker"
     assert await chat(pool) == "a"
     pool.mark_unhealthy("a")
     with pytest.raises(ServiceUnavailable) as caught:
@@ -469,6 +487,7 @@ def test_snapshot() -> None:
     assert pool.snapshot() == [
         {
             "name": "a",
+            "backend": "",
             "healthy": True,
             "state": "closed",
             "eligible": True,
@@ -480,9 +499,12 @@ def test_snapshot() -> None:
             "total_failures": 1,
             "total_successes": 0,
             "cooldown_remaining_s": 0.0,
+            "checked_at": None,
+            "check_error": None,
         },
         {
             "name": "b",
+            "backend": "",
             "healthy": True,
             "state": "open",
             "eligible": False,
@@ -494,6 +516,8 @@ def test_snapshot() -> None:
             "total_failures": 0,
             "total_successes": 0,
             "cooldown_remaining_s": 17.5,
+            "checked_at": None,
+            "check_error": None,
         },
     ]
 
@@ -525,7 +549,7 @@ async def test_stream_fails_over_when_the_first_item_breaks() -> None:
 
 async def test_stream_first_item_timeout_fails_over() -> None:
     a, b = Fake("a", [HANG]), Fake("b")
-    ds = [deployment(a, timeout_s=0.02), deployment(b, priority=1)]
+    ds = [deployment(a, total_s=0.02), deployment(b, priority=1)]
     pool = Pool("m", ds, PriorityFailover(), clock=Clock())
     assert await collect(pool) == ["b:x", "b:y", "b:z"]
     assert a.stream_closed
@@ -536,7 +560,7 @@ async def test_stream_is_never_retried_after_the_first_item() -> None:
     pool = make_pool(a, b)
     got: list[str] = []
     with pytest.raises(UpstreamError, match="mid-stream"):
-        await drain(pool.stream(lambda be: be.stream_chat(REQ)), got)
+        await drain(pool.stream(lambda d: d.backend.stream_chat(REQ)), got)
     assert got == ["a:x", "a:y"]
     assert b.calls == 0
     assert pool.deployment("a").in_flight == 0
@@ -556,7 +580,7 @@ async def test_stream_holds_in_flight_until_it_ends() -> None:
     pool = make_pool(Fake("a"))
     d = pool.deployment("a")
     seen = []
-    async for _ in pool.stream(lambda be: be.stream_chat(REQ)):
+    async for _ in pool.stream(lambda d: d.backend.stream_chat(REQ)):
         seen.append(d.in_flight)
     assert seen == [1, 1, 1]
     assert d.in_flight == 0
@@ -566,7 +590,7 @@ async def test_stream_holds_in_flight_until_it_ends() -> None:
 async def test_stream_closed_early_releases_and_closes_the_upstream() -> None:
     a = Fake("a")
     pool = make_pool(a)
-    stream = pool.stream(lambda be: be.stream_chat(REQ))
+    stream = pool.stream(lambda d: d.backend.stream_chat(REQ))
     assert await anext(stream) == "a:x"
     assert pool.deployment("a").in_flight == 1
     await stream.aclose()
@@ -602,7 +626,7 @@ async def test_mock_backends_through_a_pool() -> None:
         Deployment("ok", mock("ok", reply="one two"), priority=1),
     ]
     pool = Pool("m", ds, PriorityFailover(), clock=Clock())
-    answer = await pool.call(lambda b: b.chat(REQ))
+    answer = await pool.call(lambda d: d.backend.chat(REQ))
     assert answer.choices[0].message.content == "one two"
     assert pool.deployment("broken").total_failures == 1
     pool.mark_unhealthy("broken")  # its stream would fail after the role chunk: not retried
@@ -619,7 +643,39 @@ async def test_mock_backend_mid_stream_failure_is_not_retried() -> None:
     pool = Pool("m", ds, PriorityFailover(), clock=Clock())
     got: list[Any] = []
     with pytest.raises(UpstreamError, match="mid-generation"):
-        await drain(pool.stream(lambda b: b.stream_chat(REQ)), got)
+        await drain(pool.stream(lambda d: d.backend.stream_chat(REQ)), got)
     assert [c.choices[0].delta.content for c in got] == ["", "one "]
     assert pool.deployment("b").total_successes == 0
     assert pool.deployment("a").in_flight == 0
+
+
+async def test_stream_total_timeout_cuts_a_stream_after_its_first_item() -> None:
+    a = Fake("a", hang_at=1)
+    ds = [deployment(a, total_s=0.05), deployment(Fake("b"), priority=1)]
+    pool = Pool("m", ds, PriorityFailover(), clock=Clock())
+    got: list[Any] = []
+    with pytest.raises(UpstreamTimeout, match=r"did not finish its stream within 0\.05s"):
+        await drain(pool.stream(lambda d: d.backend.stream_chat(REQ)), got)
+    assert got == ["a:x"], "never retried once an item was sent"
+    assert a.stream_closed, "the upstream read was cancelled"
+    assert pool.deployment("a").in_flight == 0
+    assert pool.deployment("a").total_failures == 1
+
+
+async def test_first_token_timeout_only_bounds_the_first_item() -> None:
+    a = Fake("a", item_delay=0.04)
+    ds = [Deployment("a", a, first_token_s=0.05, total_s=5)]
+    pool = Pool("m", ds, PriorityFailover(), clock=Clock())
+    assert await collect(pool) == ["a:x", "a:y", "a:z"]
+
+
+async def test_a_pool_of_one_never_cools_down() -> None:
+    clock = Clock()
+    a = Fake("a", [UpstreamError("x")] * 5)
+    pool = make_pool(a, clock=clock)
+    for _ in range(5):
+        with pytest.raises(UpstreamError):
+            await chat(pool)
+    assert pool.deployment("a").state(clock()) == "closed"
+    assert pool.deployment("a").total_failures == 5
+    assert await chat(pool) == "a"
