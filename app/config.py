@@ -106,6 +106,18 @@ class AuditSettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     """Rows per insert."""
 
 
+class RouterSettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Routing state shared by replicas: cooldowns and failed health checks."""
+
+    state: str = "memory://"
+    """`memory://` (each process on its own) or `redis://host:6379/0`: a cooldown or failed
+    health check seen by one replica takes the deployment out on every replica."""
+    sync_interval_s: Annotated[float, Meta(gt=0)] = 1.0
+    """How often a replica reads what the others reported (their bounded staleness)."""
+    key_prefix: str = "clawbot:router:"
+    """Prefix of the Redis keys (separate clusters sharing a Redis use different ones)."""
+
+
 class SamplingDefaults(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Per-model defaults applied where a request leaves a parameter unset."""
 
@@ -231,6 +243,8 @@ class Config(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Rate-limit storage."""
     audit: AuditSettings = AuditSettings()
     """Audit log settings."""
+    router: RouterSettings = RouterSettings()
+    """Where routing state lives."""
     models: tuple[ModelConfig, ...] = ()
     """Served models; at least one."""
 
@@ -327,6 +341,10 @@ def _check(config: Config, source: str) -> None:
             seen[name] = index
     for index, model in enumerate(config.models):
         _check_model(model, f"{source}: models[{index}]", seen)
+    if not config.router.state.startswith(("memory://", "redis://", "rediss://")):
+        raise ConfigError(
+            f"{source}: router.state: {config.router.state!r} is neither memory:// nor redis://"
+        )
     server = config.model_server
     if server.protocol == "https":
         for key in ("tls_cert", "tls_key"):

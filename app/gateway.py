@@ -23,6 +23,7 @@ from app.keys import KeyCache, KeyStore, TokenSigner, token_secret
 from app.monitor import HealthMonitor
 from app.pools import build_pool
 from app.ratelimit import Admission, Limits, RateLimiter
+from app.router_state import RouterState
 from app.routing import Pool
 from app.storage.database import Database
 from backends.base import Backend, BackendFactory, Capabilities, common_capabilities
@@ -84,14 +85,23 @@ class Gateway:
     policies: tuple[Policy, ...] = ()
     names: dict[str, ServedModel] = field(default_factory=dict)
     monitor: HealthMonitor = field(init=False)
+    router_state: RouterState | None = field(init=False, default=None)
+    """Cooldowns and health shared with other replicas (Redis), if configured."""
 
     def __post_init__(self) -> None:
         for served in self.models:
             for name in (served.config.id, *served.config.aliases):
                 self.names[name] = served
-        self.monitor = HealthMonitor(
-            [(served.pool, served.config.routing) for served in self.models]
-        )
+        pools = [(served.pool, served.config.routing) for served in self.models]
+        router = self.config.router
+        if not router.state.startswith("memory://"):
+            self.router_state = RouterState(
+                router.state,
+                pools,
+                sync_interval_s=router.sync_interval_s,
+                key_prefix=router.key_prefix,
+            )
+        self.monitor = HealthMonitor(pools, self.router_state)
 
     @classmethod
     def from_config(
@@ -165,10 +175,14 @@ class Gateway:
                 time.perf_counter() - started,
             )
         self.monitor.start()
+        if self.router_state is not None:
+            self.router_state.start()
 
     async def aclose(self) -> None:
         """Flush the audit log, close backends, the limiter and the database."""
         await self.monitor.aclose()
+        if self.router_state is not None:
+            await self.router_state.aclose()
         if self.audit is not None:
             await self.audit.aclose()
         results = await asyncio.gather(

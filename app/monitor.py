@@ -8,13 +8,16 @@ import time
 from collections.abc import Sequence
 
 from app.config import RoutingSettings
+from app.router_state import RouterState
 from app.routing import Deployment, Pool
 
 log = logging.getLogger("clawbot.monitor")
 
 
-async def check_deployment(pool: Pool, d: Deployment, timeout_s: float) -> bool:
-    """Ask one deployment whether it serves; record the answer on the pool."""
+async def check_deployment(
+    pool: Pool, d: Deployment, timeout_s: float, state: RouterState | None = None
+) -> bool:
+    """Ask one deployment whether it serves; record the answer on the pool (and `state`)."""
     error: str | None = None
     try:
         async with asyncio.timeout(timeout_s):
@@ -27,18 +30,24 @@ async def check_deployment(pool: Pool, d: Deployment, timeout_s: float) -> bool:
         error = f"{type(exc).__name__}: {exc}"
     d.checked_at = time.time()
     d.check_error = error
+    recovered = False
     if error is None:
-        pool.mark_healthy(d.name)
+        recovered = pool.mark_healthy(d.name)
     else:
         pool.mark_unhealthy(d.name)
+    if state is not None:
+        state.checked(pool, d, error is None, recovered)
     return error is None
 
 
 class HealthMonitor:
     """Runs the active health checks that routing's cooldowns rely on to end early."""
 
-    def __init__(self, pools: Sequence[tuple[Pool, RoutingSettings]]) -> None:
+    def __init__(
+        self, pools: Sequence[tuple[Pool, RoutingSettings]], state: RouterState | None = None
+    ) -> None:
         self._pools = [(p, s) for p, s in pools if s.health_check_interval_s > 0]
+        self._state = state
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -52,10 +61,10 @@ class HealthMonitor:
         """One round of checks over every pool (also what each task does per interval)."""
         await asyncio.gather(*(self._round(p, s) for p, s in self._pools))
 
-    @staticmethod
-    async def _round(pool: Pool, settings: RoutingSettings) -> None:
+    async def _round(self, pool: Pool, settings: RoutingSettings) -> None:
+        timeout_s = settings.health_check_timeout_s
         await asyncio.gather(
-            *(check_deployment(pool, d, settings.health_check_timeout_s) for d in pool.deployments)
+            *(check_deployment(pool, d, timeout_s, self._state) for d in pool.deployments)
         )
 
     async def _run(self, pool: Pool, settings: RoutingSettings) -> None:

@@ -222,6 +222,8 @@ class Pool:
         self.deadline_s = deadline_s
         self.breaker = breaker
         self.clock = clock
+        self.on_trip: Callable[[Pool, Deployment], None] | None = None
+        """Called when a deployment's breaker opens (shared state publishes it)."""
 
     def deployment(self, name: str) -> Deployment:
         """The deployment called `name`."""
@@ -230,17 +232,19 @@ class Pool:
                 return d
         raise KeyError(name)
 
-    def mark_healthy(self, name: str) -> None:
+    def mark_healthy(self, name: str) -> bool:
         """Health-check hook: the deployment answers; if it was down, its breaker closes.
 
         A deployment that stayed up keeps its breaker: a server whose `/models` answers
-        while its completions fail must still cool down.
+        while its completions fail must still cool down. Returns whether it was down.
         """
         d = self.deployment(name)
-        if not d.healthy:
-            log.info("pool %s: deployment %s is healthy again", self.name, d.name)
-            d.healthy = True
-            d.reset()
+        if d.healthy:
+            return False
+        log.info("pool %s: deployment %s is healthy again", self.name, d.name)
+        d.healthy = True
+        d.reset()
+        return True
 
     def mark_unhealthy(self, name: str) -> None:
         """Health-check hook: take the deployment out of rotation until marked healthy."""
@@ -282,7 +286,10 @@ class Pool:
             # Health checks still take a pool of one out when it is down.
             d.total_failures += 1
             return
+        before = d.cooldown_until
         d.record_failure(self.clock(), self.breaker, trial)
+        if d.cooldown_until is not None and d.cooldown_until != before and self.on_trip:
+            self.on_trip(self, d)
 
     def _no_healthy(self, now: float) -> ServiceUnavailable:
         cooling = [d.cooldown_remaining(now) for d in self.deployments if d.healthy]
