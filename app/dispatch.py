@@ -134,6 +134,14 @@ class Dispatcher:
                 return other
         return None
 
+    def _after(self, current: ServedModel, exc: GatewayError, tried: set[str]) -> ServedModel:
+        """The next model to try, or `exc` again when there is none."""
+        following = self.next(current, exc, tried)
+        if following is None:
+            raise exc
+        tried.add(following.config.id)
+        return following
+
     def _tracked(
         self, served: ServedModel, run: Callable[[ServedModel, Deployment], T]
     ) -> Callable[[Deployment], T]:
@@ -154,11 +162,7 @@ class Dispatcher:
             try:
                 return await current.pool.call(self._tracked(current, run))
             except GatewayError as exc:
-                following = self.next(current, exc, tried)
-                if following is None:
-                    raise
-                tried.add(following.config.id)
-                current = following
+                current = self._after(current, exc, tried)
 
     def stream(self, served: ServedModel, run: StreamRun[X]) -> AsyncIterator[X]:
         """Stream from `served`'s pool or, until the first item, a fallback's."""
@@ -179,11 +183,7 @@ class Dispatcher:
             except StopAsyncIteration:
                 return
             except GatewayError as exc:
-                following = self.next(current, exc, tried)
-                if following is None:
-                    raise
-                tried.add(following.config.id)
-                current = following
+                current = self._after(current, exc, tried)
                 continue
             try:
                 yield head
