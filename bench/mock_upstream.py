@@ -4,10 +4,14 @@ Answers `POST /v1/chat/completions` with a fixed chat.completion (Content-Length
 or, when the body asks for `"stream": true`, with a chunked SSE stream of a few chunks and
 `data: [DONE]`; answers `GET /v1/models` too. Every answer is pre-encoded, so the server
 costs a few microseconds per request and is never the bottleneck of a benchmark.
+With `--delay-ms`, every answer is held back that long before its first byte (a slow
+upstream, for failover benchmarks); the listening socket is bound with SO_REUSEADDR, so a
+killed mock can be restarted on its port at once.
 
 Run it on its own (it prints `mock upstream listening on http://127.0.0.1:PORT/v1`):
 
     python bench/mock_upstream.py --port 0
+    python bench/mock_upstream.py --port 8001 --delay-ms 200
 """
 
 from __future__ import annotations
@@ -121,8 +125,9 @@ class Answers:
 class UpstreamProtocol(asyncio.Protocol):
     """One keep-alive connection; handles pipelined requests in order."""
 
-    def __init__(self, answers: Answers) -> None:
+    def __init__(self, answers: Answers, delay_s: float = 0.0) -> None:
         self.answers = answers
+        self.delay_s = delay_s
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
 
@@ -150,7 +155,15 @@ class UpstreamProtocol(asyncio.Protocol):
             out.append(self.answer(head, body))
         self.buffer = buffer
         if out and self.transport is not None:
-            self.transport.write(b"".join(out))
+            if self.delay_s > 0:
+                loop = asyncio.get_running_loop()
+                loop.call_later(self.delay_s, self._write_late, b"".join(out))
+            else:
+                self.transport.write(b"".join(out))
+
+    def _write_late(self, payload: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(payload)
 
     def answer(self, head: bytes, body: bytes) -> bytes:
         """The response to one request."""
@@ -176,12 +189,12 @@ def install_uvloop() -> bool:
     return True
 
 
-async def serve(host: str, port: int) -> None:
+async def serve(host: str, port: int, delay_s: float = 0.0) -> None:
     """Serve until SIGTERM or SIGINT, announcing the bound port on stdout."""
     answers = Answers()
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: UpstreamProtocol(answers), host, port, backlog=1024, reuse_address=True
+        lambda: UpstreamProtocol(answers, delay_s), host, port, backlog=1024, reuse_address=True
     )
     bound = server.sockets[0].getsockname()[1]
     print(f"mock upstream listening on http://{host}:{bound}/v1", flush=True)
@@ -197,9 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0: any free port")
+    parser.add_argument(
+        "--delay-ms", type=float, default=0.0, help="hold every answer back this long (0: none)"
+    )
     args = parser.parse_args(argv)
     install_uvloop()
-    asyncio.run(serve(args.host, args.port))
+    asyncio.run(serve(args.host, args.port, max(0.0, args.delay_ms) / 1000))
     return 0
 
 
