@@ -14,8 +14,10 @@ from app.context import RequestContext
 from app.disconnect import unless_disconnected
 from app.dispatch import Dispatcher, PerModel
 from app.gateway import Gateway, ServedModel
+from app.params import prepare_chat
 from app.protocol import (
     ChatCompletion,
+    ChatCompletionChunk,
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
@@ -58,3 +60,53 @@ async def generate(
     if result.usage:
         exchange.record_usage(result.usage.prompt_tokens, result.usage.completion_tokens)
     return json_response(result)
+
+
+_decode_chunk = msgspec.json.Decoder(ChatCompletionChunk).decode
+
+
+async def chat_chunks(
+    request: Request[Any, Any, Any],
+    gateway: Gateway,
+    ctx: RequestContext,
+    served: ServedModel,
+    req: ChatCompletionRequest,
+) -> AsyncIterator[ChatCompletionChunk]:
+    """A chat completion as decoded chunks, for the API bridges (Responses, Messages).
+
+    Routed, failed over and accounted like `/v1/chat/completions`; the last chunk carries the
+    usage. Pull the first chunk before sending headers (`named_sse_response` does).
+    """
+    exchange = exchange_for(request.scope)
+    exchange.stream = True
+    req = msgspec.structs.replace(
+        req, stream=True, stream_options=StreamOptions(include_usage=True)
+    )
+    per_model = PerModel(req, lambda r, s: prepare_chat(r, s.config, s.capabilities))
+    per_model(served)
+    items = Dispatcher(gateway, exchange, ctx).stream(
+        served, lambda s, d: d.backend.stream_chat(per_model(s))
+    )
+    async for item in observed(items, exchange, strip_usage=False):
+        yield _decode_chunk(bytes(item)) if isinstance(item, msgspec.Raw) else item
+
+
+async def chat_answer(
+    request: Request[Any, Any, Any],
+    gateway: Gateway,
+    ctx: RequestContext,
+    served: ServedModel,
+    req: ChatCompletionRequest,
+) -> ChatCompletion:
+    """A chat completion in one piece, for the API bridges; routed and accounted."""
+    exchange = exchange_for(request.scope)
+    req = msgspec.structs.replace(req, stream=None, stream_options=None)
+    per_model = PerModel(req, lambda r, s: prepare_chat(r, s.config, s.capabilities))
+    per_model(served)
+    result = await unless_disconnected(
+        request.receive,
+        Dispatcher(gateway, exchange, ctx).call(served, lambda s, d: d.backend.chat(per_model(s))),
+    )
+    if result.usage:
+        exchange.record_usage(result.usage.prompt_tokens, result.usage.completion_tokens)
+    return result

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -13,7 +13,7 @@ from msgspec import Raw
 
 from app.accounting import Exchange
 from app.protocol import UNSET, Usage
-from app.sse import DONE, encode_stream
+from app.sse import DONE, NamedEvent, encode_named_stream, encode_stream
 from app.wire_errors import error_code
 
 _encode = msgspec.json.Encoder().encode
@@ -93,3 +93,19 @@ async def sse_response(source: AsyncIterator[Any]) -> Stream:
         await source.aclose()  # type: ignore[attr-defined]
         raise
     return Stream(encode_stream(first, source), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+async def named_sse_response(
+    source: AsyncIterator[NamedEvent], on_error: Callable[[Exception], NamedEvent]
+) -> Stream:
+    """`sse_response` for named-event streams: the first event is made before any byte."""
+    try:
+        first = await anext(source)
+    except BaseException:
+        await source.aclose()  # type: ignore[attr-defined]
+        raise
+    return Stream(
+        encode_named_stream(first, source, on_error),
+        media_type="text/event-stream",
+        headers=SSE_HEADERS,
+    )

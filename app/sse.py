@@ -1,8 +1,9 @@
-"""The one SSE encoder: `data: {json}` events, a final `data: [DONE]`."""
+"""The one SSE encoder: `data: {json}` events and a final `data: [DONE]` (Chat Completions),
+or named `event:` + `data:` events (the Responses and Messages APIs)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -33,3 +34,31 @@ async def encode_stream(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[b
         except Exception as exc:
             yield b"data: " + encode_error_event(exc) + b"\n\n"
         yield DONE
+
+
+NamedEvent = tuple[str, Any]
+"""An event's name (its `type`) and its JSON-encodable payload."""
+
+
+def named_event(name: str, item: Any) -> bytes:
+    """One `event: name` + `data:` event."""
+    return b"event: " + name.encode() + b"\ndata: " + _encode(item) + b"\n\n"
+
+
+async def encode_named_stream(
+    first: NamedEvent,
+    rest: AsyncIterator[NamedEvent],
+    on_error: Callable[[Exception], NamedEvent],
+) -> AsyncIterator[bytes]:
+    """Encode a named-event stream whose first event was already produced.
+
+    A failure after the first byte becomes the event `on_error` makes of it (these APIs have
+    no `[DONE]`); the source is always closed, so a disconnect stops the generation.
+    """
+    async with aclosing(rest):  # type: ignore[type-var]
+        yield named_event(*first)
+        try:
+            async for name, item in rest:
+                yield named_event(name, item)
+        except Exception as exc:
+            yield named_event(*on_error(exc))

@@ -9,12 +9,13 @@ embeddings are unit vectors derived from a hash of the input. Options:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import math
 import re
 import struct
 from collections.abc import AsyncIterator
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -39,9 +40,13 @@ from app.protocol import (
     CompletionRequest,
     EmbeddingList,
     EmbeddingRequest,
+    FunctionCall,
+    NamedToolChoice,
     ResponseMessage,
     StreamItem,
     TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
     TopLogprob,
 )
 from backends.base import BackendSpec, Capabilities
@@ -76,6 +81,9 @@ class MockOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     """Embedding size."""
     fail_after_tokens: int | None = None
     """Raise an upstream error after this many tokens (tests mid-stream failures)."""
+    tool_arguments: dict[str, Any] | None = None
+    """Makes the mock accept tools: with tools in the request (and `tool_choice` not "none") it
+    calls the named or first tool with these arguments instead of replying."""
     fail_with: Failure | None = None
     """Fail every call before its first token with this error."""
     healthy: bool = True
@@ -112,6 +120,21 @@ class MockBackend:
     def __init__(self, spec: BackendSpec) -> None:
         self.options = read_options(spec, MockOptions)
         self.name = spec.model.id
+        if self.options.tool_arguments is not None:
+            self.capabilities = dataclasses.replace(self.capabilities, tools=True)
+
+    def _tool_call(self, req: ChatCompletionRequest) -> ToolCall | None:
+        """The call the mock makes, if this request gets one."""
+        arguments = self.options.tool_arguments
+        if arguments is None or not req.tools or req.tool_choice == "none":
+            return None
+        name = req.tools[0].function.name
+        if isinstance(req.tool_choice, NamedToolChoice):
+            name = req.tool_choice.function.name
+        return ToolCall(
+            id=new_id("call"),
+            function=FunctionCall(name=name, arguments=msgspec.json.encode(arguments).decode()),
+        )
 
     async def start(self) -> None:
         """Nothing to load."""
@@ -167,7 +190,24 @@ class MockBackend:
         )
 
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletion:
-        """A reply to the last user message."""
+        """A reply to the last user message (or a tool call, see `tool_arguments`)."""
+        call = self._tool_call(req)
+        if call is not None:
+            return ChatCompletion(
+                id=new_id("chatcmpl"),
+                created=now(),
+                model=req.model,
+                choices=[
+                    ChatChoice(
+                        index=0,
+                        message=ResponseMessage(content=None, tool_calls=[call]),
+                        finish_reason="tool_calls",
+                    )
+                ],
+                usage=usage(
+                    len(tokens_of(self._chat_prompt(req))), len(tokens_of(call.function.arguments))
+                ),
+            )
         gen = self._generate(self._chat_prompt(req), req.max_tokens, stop_list(req.stop))
         for produced in range(len(gen.tokens)):
             await self._tick(produced)
@@ -191,11 +231,39 @@ class MockBackend:
         )
 
     async def stream_chat(self, req: ChatCompletionRequest) -> AsyncIterator[StreamItem]:
-        """The same reply, a word per chunk."""
-        gen = self._generate(self._chat_prompt(req), req.max_tokens, stop_list(req.stop))
+        """The same reply, a word per chunk (a tool call: name first, then argument pieces)."""
         chunks = ChatChunks(
             req.model, bool(req.stream_options and req.stream_options.include_usage)
         )
+        call = self._tool_call(req)
+        if call is not None:
+            yield chunks.delta(ChunkDelta(role="assistant", content=None))
+            yield chunks.delta(
+                ChunkDelta(
+                    tool_calls=[
+                        ToolCallDelta(
+                            index=0,
+                            id=call.id,
+                            type="function",
+                            function={"name": call.function.name, "arguments": ""},
+                        )
+                    ]
+                )
+            )
+            arguments = call.function.arguments
+            third = max(1, len(arguments) // 3)
+            for start in range(0, len(arguments), third):
+                piece = arguments[start : start + third]
+                yield chunks.delta(
+                    ChunkDelta(tool_calls=[ToolCallDelta(index=0, function={"arguments": piece})])
+                )
+            yield chunks.delta(ChunkDelta(), "tool_calls")
+            if chunks.include_usage:
+                yield chunks.usage(
+                    len(tokens_of(self._chat_prompt(req))), len(tokens_of(arguments))
+                )
+            return
+        gen = self._generate(self._chat_prompt(req), req.max_tokens, stop_list(req.stop))
         yield chunks.delta(ChunkDelta(role="assistant", content=""))
         for produced, token in enumerate(gen.tokens):
             await self._tick(produced)
