@@ -8,7 +8,12 @@ import msgspec
 
 from app.config import ModelConfig
 from app.errors import InvalidRequest, UnsupportedParameter
-from app.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from app.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    NamedToolChoice,
+)
 from app.tokens import decode_token_ids
 from backends.base import Capabilities
 
@@ -35,6 +40,35 @@ def _check_n(n: int | None, caps: Capabilities) -> None:
             f"n={n} is not supported by this model (at most {caps.max_n}); "
             "send several requests instead",
             param="n",
+        )
+
+
+def _check_tools(req: ChatCompletionRequest) -> None:
+    """Malformed tool definitions and choices are the client's to fix: 400 naming them."""
+    names: set[str] = set()
+    for i, tool in enumerate(req.tools or ()):
+        function = tool.function
+        if function.name in names:
+            raise InvalidRequest(
+                f"tools[{i}]: the function name {function.name!r} is used twice",
+                param=f"tools[{i}].function.name",
+            )
+        names.add(function.name)
+        parameters = function.parameters
+        if parameters is not None and parameters.get("type", "object") != "object":
+            raise InvalidRequest(
+                f"tools[{i}]: function parameters must be a JSON schema of type object",
+                param=f"tools[{i}].function.parameters",
+            )
+    choice = req.tool_choice
+    if choice is None or choice in ("none", "auto"):
+        return
+    if not req.tools:
+        raise InvalidRequest("tool_choice needs tools", param="tool_choice")
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        raise InvalidRequest(
+            f"tool_choice names {choice.function.name!r}, which is not in tools",
+            param="tool_choice.function.name",
         )
 
 
@@ -67,6 +101,7 @@ def prepare_chat(
         raise UnsupportedParameter(
             f"model {model.id!r} does not support tool calling", param="tools"
         )
+    _check_tools(req)
     if req.top_logprobs is not None and not req.logprobs:
         raise InvalidRequest("top_logprobs requires logprobs=true", param="top_logprobs")
     fmt = req.response_format

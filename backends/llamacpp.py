@@ -43,7 +43,6 @@ from app.protocol import (
     CompletionRequest,
     EmbeddingList,
     EmbeddingRequest,
-    ResponseMessage,
     StreamItem,
     TopLogprob,
 )
@@ -60,6 +59,7 @@ from backends.common import (
     usage,
     wants_usage,
 )
+from backends.llama_reply import OutputPlan, ReplyShaper, plan_output
 from backends.llama_text import StopScanner, TokenLogprob, log_softmax_at
 
 log = logging.getLogger("clawbot.llamacpp")
@@ -140,19 +140,23 @@ def _map_llama_error(exc: BaseException) -> BaseException:
     return UpstreamError(f"llama.cpp failed: {type(exc).__name__}: {text}")
 
 
-def _message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as chat templates expect them (`developer` is a system message to them)."""
+def _message_dicts(messages: list[ChatMessage], *, tool_role: bool) -> list[dict[str, Any]]:
+    """Messages as chat templates expect them (`developer` is a system message to them).
+
+    Templates that know no `tool` role get a tool's result as a user message saying so.
+    """
     out: list[dict[str, Any]] = []
     for m in messages:
-        entry: dict[str, Any] = {
-            "role": "system" if m.role == "developer" else m.role,
-            "content": m.text(),
-        }
+        role: str = "system" if m.role == "developer" else m.role
+        content = m.text()
+        if role == "tool" and not tool_role:
+            role, content = "user", f"Result of tool call {m.tool_call_id}: {content}"
+        entry: dict[str, Any] = {"role": role, "content": content}
         if m.name:
             entry["name"] = m.name
         if m.tool_calls:
             entry["tool_calls"] = msgspec.to_builtins(m.tool_calls)
-        if m.tool_call_id:
+        if m.tool_call_id and role == "tool":
             entry["tool_call_id"] = m.tool_call_id
         out.append(entry)
     return out
@@ -207,7 +211,7 @@ def _completion_logprobs(entries: list[TokenLogprob]) -> CompletionLogprobs:
 class LlamaCppBackend:
     """A GGUF model served in-process."""
 
-    capabilities = Capabilities(chat=True, completions=True, embeddings=True, max_n=1)
+    capabilities = Capabilities(chat=True, completions=True, embeddings=True, max_n=1, tools=True)
 
     def __init__(self, spec: BackendSpec) -> None:
         self.options = read_options(spec, LlamaOptions)
@@ -225,6 +229,7 @@ class LlamaCppBackend:
         )
         self._llms: dict[str, Any] = {}
         self._formatter: Any = None
+        self._template_knows_tools = False
 
     # ---- worker-thread side
 
@@ -261,6 +266,7 @@ class LlamaCppBackend:
             raise ConfigError(
                 f"{self.path} has no chat template; set options.chat_template for {self.model_id!r}"
             )
+        self._template_knows_tools = "tool" in template
         eos = llm.token_eos()
         bos = llm.token_bos()
         self._formatter = Jinja2ChatFormatter(
@@ -305,9 +311,11 @@ class LlamaCppBackend:
         max_tokens: int | None,
         sampling: dict[str, Any],
         stops: list[str],
+        grammar: str | None = None,
     ) -> Iterator[_Event]:
         """Generate on this thread: token ids from llama.cpp, text and log probabilities ours."""
         import llama_cpp
+        from llama_cpp.llama_grammar import LlamaGrammar
 
         llm = self._load("generate")
         if isinstance(prompt, str):
@@ -351,6 +359,9 @@ class LlamaCppBackend:
         pending: list[TokenLogprob] = []
         generated = 0
         finish: Literal["stop", "length"] = "length"
+        if grammar is not None:
+            # A grammar keeps parse state: one per generation.
+            sampling["grammar"] = LlamaGrammar.from_string(grammar, verbose=False)
         for token in llm.generate(
             tokens, stopping_criteria=llama_cpp.StoppingCriteriaList([job.stop_check]), **sampling
         ):
@@ -453,15 +464,12 @@ class LlamaCppBackend:
             params["logits_processor"] = [apply_bias]
         return params
 
-    def _chat_work(self, req: ChatCompletionRequest) -> Callable[[_Job], Iterator[_Event]]:
-        if req.response_format is not None and req.response_format.type != "text":
-            raise UnsupportedParameter(
-                "response_format other than text is not supported by the in-process backend yet",
-                param="response_format",
-            )
+    def _chat_work(
+        self, req: ChatCompletionRequest, plan: OutputPlan
+    ) -> Callable[[_Job], Iterator[_Event]]:
         params = self._sampling(req)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        messages = _message_dicts(req.messages)
+        messages = _message_dicts(plan.messages, tool_role=self._template_knows_tools)
 
         def work(job: _Job) -> Iterator[_Event]:
             try:
@@ -481,24 +489,27 @@ class LlamaCppBackend:
                 max_tokens=req.max_tokens,
                 sampling=dict(params),
                 stops=stops,
+                grammar=plan.grammar,
             )
 
         return work
 
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletion:
-        """Generate a whole reply."""
-        text: list[str] = []
+        """Generate a whole reply (or a tool call)."""
+        plan = plan_output(req)
+        shaper = ReplyShaper(plan.mode)
         entries: list[TokenLogprob] = []
         finish: Literal["stop", "length"] = "stop"
         counts = usage(0, 0)
-        async with aclosing(self._run(self._chat_work(req))) as events:
+        async with aclosing(self._run(self._chat_work(req, plan))) as events:
             async for event in events:
                 if isinstance(event, _Piece):
-                    text.append(event.text)
+                    shaper.feed(event.text)
                     finish = event.finish_reason or finish
                     entries.extend(event.logprobs)
                 elif isinstance(event, _End):
                     counts = usage(event.prompt_tokens, event.completion_tokens)
+        shaper.finish()
         return ChatCompletion(
             id=new_id("chatcmpl"),
             created=now(),
@@ -506,27 +517,34 @@ class LlamaCppBackend:
             choices=[
                 ChatChoice(
                     index=0,
-                    message=ResponseMessage(content="".join(text)),
+                    message=shaper.message(),
                     logprobs=_chat_logprobs(entries) if req.logprobs else None,
-                    finish_reason=finish,
+                    finish_reason=shaper.finish_reason(finish),
                 )
             ],
             usage=counts,
         )
 
     async def stream_chat(self, req: ChatCompletionRequest) -> AsyncIterator[StreamItem]:
-        """Stream a reply, a chunk per decoded piece."""
+        """Stream a reply, a chunk per decoded piece (a call: its name, then its arguments)."""
+        plan = plan_output(req)
+        shaper = ReplyShaper(plan.mode)
         chunks = ChatChunks(self.model_id, wants_usage(req.stream_options))
-        async with aclosing(self._run(self._chat_work(req))) as events:
+        async with aclosing(self._run(self._chat_work(req, plan))) as events:
             async for event in events:
                 if isinstance(event, _Start):
                     yield chunks.delta(ChunkDelta(role="assistant", content=""))
                 elif isinstance(event, _Piece):
                     lp = _chat_logprobs(event.logprobs) if req.logprobs else None
-                    if event.text or event.logprobs:
-                        yield chunks.delta(ChunkDelta(content=event.text), lp=lp)
+                    deltas = shaper.feed(event.text)
+                    if lp is not None and not deltas and event.logprobs:
+                        deltas = [ChunkDelta(content="")]
+                    for i, delta in enumerate(deltas):
+                        yield chunks.delta(delta, lp=lp if i == 0 else None)
                     if event.finish_reason:
-                        yield chunks.delta(ChunkDelta(), event.finish_reason)
+                        for delta in shaper.finish():
+                            yield chunks.delta(delta)
+                        yield chunks.delta(ChunkDelta(), shaper.finish_reason(event.finish_reason))
                 elif chunks.include_usage:
                     yield chunks.usage(event.prompt_tokens, event.completion_tokens)
 
