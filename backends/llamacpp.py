@@ -230,6 +230,8 @@ class LlamaCppBackend:
         self._llms: dict[str, Any] = {}
         self._formatter: Any = None
         self._template_knows_tools = False
+        self.fim_tokens: tuple[int, int, int] | None = None
+        """The model's fill-in-the-middle tokens (prefix, suffix, middle), known once loaded."""
 
     # ---- worker-thread side
 
@@ -267,6 +269,15 @@ class LlamaCppBackend:
                 f"{self.path} has no chat template; set options.chat_template for {self.model_id!r}"
             )
         self._template_knows_tools = "tool" in template
+        import llama_cpp
+
+        vocab = llm._model.vocab
+        fim = (
+            llama_cpp.llama_vocab_fim_pre(vocab),
+            llama_cpp.llama_vocab_fim_suf(vocab),
+            llama_cpp.llama_vocab_fim_mid(vocab),
+        )
+        self.fim_tokens = fim if min(fim) >= 0 else None
         eos = llm.token_eos()
         bos = llm.token_bos()
         self._formatter = Jinja2ChatFormatter(
@@ -557,9 +568,15 @@ class LlamaCppBackend:
                 param="echo",
             )
         if req.suffix is not None:
-            raise UnsupportedParameter(
-                "suffix (fill-in-the-middle) is not supported by this model", param="suffix"
-            )
+            if self.fim_tokens is None:
+                raise UnsupportedParameter(
+                    f"model {self.model_id!r} has no fill-in-the-middle tokens, so it cannot "
+                    "complete with a suffix; use a code model with FIM tokens (e.g. Qwen2.5-Coder)",
+                    param="suffix",
+                )
+            if not isinstance(prompt, str):
+                raise InvalidRequest("a prompt with a suffix must be a string", param="prompt")
+            prompt = self._fim_prompt(prompt, req.suffix)
         params = self._sampling(req)
 
         def work(job: _Job) -> Iterator[_Event]:
@@ -576,6 +593,18 @@ class LlamaCppBackend:
             )
 
         return work
+
+    def _fim_prompt(self, prefix: str, suffix: str) -> list[int]:
+        """Prefix-suffix-middle order, as llama.cpp's server builds an infill prompt."""
+        assert self.fim_tokens is not None
+        pre, suf, mid = self.fim_tokens
+        llm = self._llms["generate"]
+        head = [llm.token_bos()] if llm._model.add_bos_token() and llm.token_bos() >= 0 else []
+
+        def tokens(text: str) -> list[int]:
+            return list(llm.tokenize(text.encode(), add_bos=False, special=False))
+
+        return [*head, pre, *tokens(prefix), suf, *tokens(suffix), mid]
 
     @staticmethod
     def _prompts(req: CompletionRequest) -> list[str | list[int]]:

@@ -10,8 +10,8 @@ import jsonschema
 import msgspec
 import pytest
 
-from app.errors import InvalidRequest
-from app.protocol import ChatCompletionChunk, ChatCompletionRequest
+from app.errors import InvalidRequest, UnsupportedParameter
+from app.protocol import ChatCompletionChunk, ChatCompletionRequest, CompletionRequest
 from tests.backends.test_llamacpp import make_backend
 
 pytestmark = pytest.mark.slow
@@ -196,3 +196,31 @@ async def test_a_tool_result_round_trip_answers_in_text(llm: Any) -> None:
     )
     assert out.choices[0].message.content
     assert out.choices[0].message.tool_calls is msgspec.UNSET
+
+
+async def test_suffix_on_a_model_without_fim_tokens_is_a_400(llm: Any) -> None:
+    assert llm.fim_tokens is None, "SmolLM2 has no FIM tokens"
+    req = msgspec.convert(
+        {"model": "smol", "prompt": "def add(a, b):", "suffix": "\n", "max_tokens": 4},
+        CompletionRequest,
+    )
+    with pytest.raises(UnsupportedParameter) as caught:
+        await llm.complete(req)
+    assert caught.value.param == "suffix"
+    assert "fill-in-the-middle" in caught.value.message
+
+
+async def test_fim_prompts_are_prefix_suffix_middle(llm: Any) -> None:
+    llm.fim_tokens = (101, 102, 103)  # stand-ins: the path is the one a FIM model takes
+    tokens = llm._fim_prompt("def add(a, b):\n    return ", "\n\nprint(add(1, 2))")
+    pre, suf, mid = (tokens.index(t) for t in (101, 102, 103))
+    assert pre < suf < mid == len(tokens) - 1
+    assert pre <= 1, "only a BOS may come first"
+    middle = llm._llms["generate"].detokenize(tokens[pre + 1 : suf]).decode()
+    assert middle == "def add(a, b):\n    return "
+    req = msgspec.convert(
+        {"model": "smol", "prompt": "x = ", "suffix": "\n", "max_tokens": 3, "seed": 1},
+        CompletionRequest,
+    )
+    out = await llm.complete(req)
+    assert out.usage.prompt_tokens == len(llm._fim_prompt("x = ", "\n"))
