@@ -214,6 +214,8 @@ class ModelConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True)
     """Models tried, in order, when every deployment of this one fails or none is healthy."""
     context_window_fallbacks: tuple[str, ...] = ()
     """Models tried, in order, when a prompt does not fit this model's context window."""
+    think_tags: bool = False
+    """Move a reply's leading `<think>…</think>` block into `reasoning_content`."""
     aliases: tuple[str, ...] = ()
     """Other names clients may use for this model."""
     context_length: PositiveInt | None = None

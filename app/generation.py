@@ -24,6 +24,7 @@ from app.protocol import (
     StreamItem,
     StreamOptions,
 )
+from app.reasoning import split_answer, split_stream
 from app.responses import json_response, observed, sse_response
 from backends.base import Backend
 
@@ -51,14 +52,19 @@ async def generate(
     per_model = PerModel(req, prepare)
     per_model(served)  # a request the model cannot take is refused before any routing
     dispatcher = Dispatcher(gateway, exchange, ctx)
+    split = served.config.think_tags and isinstance(req, ChatCompletionRequest)
     if req.stream:
         items = dispatcher.stream(served, lambda s, d: stream(d.backend, per_model(s)))
+        if split:
+            items = split_stream(items)
         return await sse_response(observed(items, exchange, strip_usage=not asked))
     result = await unless_disconnected(
         request.receive, dispatcher.call(served, lambda s, d: call(d.backend, per_model(s)))
     )
     if result.usage:
         exchange.record_usage(result.usage.prompt_tokens, result.usage.completion_tokens)
+    if split and isinstance(result, ChatCompletion):
+        result = split_answer(result)
     return json_response(result)
 
 
@@ -87,6 +93,8 @@ async def chat_chunks(
     items = Dispatcher(gateway, exchange, ctx).stream(
         served, lambda s, d: d.backend.stream_chat(per_model(s))
     )
+    if served.config.think_tags:
+        items = split_stream(items)
     async for item in observed(items, exchange, strip_usage=False):
         yield _decode_chunk(bytes(item)) if isinstance(item, msgspec.Raw) else item
 
@@ -109,4 +117,4 @@ async def chat_answer(
     )
     if result.usage:
         exchange.record_usage(result.usage.prompt_tokens, result.usage.completion_tokens)
-    return result
+    return split_answer(result) if served.config.think_tags else result
