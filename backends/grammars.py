@@ -207,11 +207,17 @@ class CallText:
         self.sent += len(fragment)
         return named, fragment
 
-    def finish(self) -> str | None:
-        """The arguments not yet handed out, or None if the text never became a call."""
+    def finish(self, complete: bool = True) -> str | None:
+        """The arguments not yet handed out, or None if the text never became a call.
+
+        Only a `complete` call (the grammar reached its end) ends with the wrapper's `}`; a
+        call cut short by max_tokens keeps every character it has.
+        """
         if self.name is None:
             return None
-        arguments = _TAIL.sub("", self.text[self.start :]).rstrip()
+        arguments = self.text[self.start :]
+        if complete:
+            arguments = _TAIL.sub("", arguments).rstrip()
         rest = arguments[self.sent :]
         self.sent = len(arguments)
         return rest

@@ -144,11 +144,11 @@ class ReplyShaper:
             deltas.append(ChunkDelta(tool_calls=[piece]))
         return deltas
 
-    def finish(self) -> list[ChunkDelta]:
+    def finish(self, generated: Literal["stop", "length"] = "stop") -> list[ChunkDelta]:
         """Deltas held back until the end (a call's last argument characters)."""
         if self.call is None:
             return []
-        rest = self.call.finish()
+        rest = self.call.finish(complete=generated == "stop")
         if rest is None:
             # Cut off (max_tokens) before the call named its tool: what there is, as text.
             self.mode = "text"

@@ -520,7 +520,7 @@ class LlamaCppBackend:
                     entries.extend(event.logprobs)
                 elif isinstance(event, _End):
                     counts = usage(event.prompt_tokens, event.completion_tokens)
-        shaper.finish()
+        shaper.finish(finish)
         return ChatCompletion(
             id=new_id("chatcmpl"),
             created=now(),
@@ -553,7 +553,7 @@ class LlamaCppBackend:
                     for i, delta in enumerate(deltas):
                         yield chunks.delta(delta, lp=lp if i == 0 else None)
                     if event.finish_reason:
-                        for delta in shaper.finish():
+                        for delta in shaper.finish(event.finish_reason):
                             yield chunks.delta(delta)
                         yield chunks.delta(ChunkDelta(), shaper.finish_reason(event.finish_reason))
                 elif chunks.include_usage:

@@ -118,3 +118,10 @@ def test_call_text_that_never_named_a_tool() -> None:
     call = CallText()
     assert call.feed('{"na') == (None, "")
     assert call.finish() is None
+
+
+def test_a_call_cut_short_keeps_every_character() -> None:
+    call = CallText()
+    call.feed('{"name": "f", "arguments": {"a": {"b": 1}')
+    assert call.finish(complete=False) is not None
+    assert call.arguments() == '{"a": {"b": 1}'
