@@ -240,6 +240,38 @@ async def test_tools_unsupported_by_backend_is_400(client: AsyncTestClient[Any])
     assert r.json()["error"]["param"] == "tools"
 
 
+def tool(name: str = "f", parameters: Any = None) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": name}
+    if parameters is not None:
+        function["parameters"] = parameters
+    return {"type": "function", "function": function}
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tools": [tool(), tool()]}, "tools[1].function.name"),
+        ({"tools": [tool(parameters={"type": "string"})]}, "tools[0].function.parameters"),
+        ({"tools": [tool("bad name!")]}, "tools[0].function.name"),
+        ({"tools": [{"type": "function"}]}, "tools[0]"),
+        ({"tools": [tool()], "tool_choice": "sometimes"}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        (
+            {"tools": [tool()], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+            "tool_choice.function.name",
+        ),
+    ],
+)
+async def test_malformed_tools_are_400(make_client: Any, extra: dict[str, Any], param: str) -> None:
+    config = make_config([{"id": "t", "backend": "mock:", "options": {"tool_arguments": {}}}])
+    async with make_client(config) as client:
+        r = await client.post("/v1/chat/completions", json=chat(model="t", **extra), headers=AUTH)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"].startswith(param), error
+        assert error["type"] == "invalid_request_error"
+
+
 async def test_images_unsupported_by_backend_is_400(client: AsyncTestClient[Any]) -> None:
     content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
     r = await client.post(
