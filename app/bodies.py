@@ -15,16 +15,26 @@ _AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")
 _MISSING = re.compile(r"^Object missing required field `(?P<field>[^`]+)`$")
 
 
-def _param(exc: msgspec.ValidationError) -> tuple[str, str | None]:
-    """msgspec's message and the OpenAI-style `param` it points at."""
+def _param(exc: msgspec.ValidationError, prefix: str = "") -> tuple[str, str | None]:
+    """msgspec's message and the OpenAI-style `param` it points at (under `prefix`)."""
     text = str(exc)
     match = _AT.search(text)
-    path = match.group("path").lstrip(".") if match else ""
+    path = (prefix + (match.group("path") if match else "")).lstrip(".")
     message = text[: match.start()] if match else text
     missing = _MISSING.match(message)
     if missing:
         path = f"{path}.{missing.group('field')}" if path else missing.group("field")
     return message, path or None
+
+
+def convert(value: object, type_: type[T], param: str) -> T:
+    """`msgspec.convert` of a part of a body found at `param`; errors name the full path
+    (`input[2].call_id`)."""
+    try:
+        return msgspec.convert(value, type_)
+    except msgspec.ValidationError as exc:
+        message, path = _param(exc, param)
+        raise InvalidRequest(f"invalid request: {message} (at '{path}')", param=path) from exc
 
 
 def decode_body(body: bytes, type_: type[T]) -> T:

@@ -12,7 +12,16 @@ REQUEST_ID_HEADER = b"x-request-id"
 _VALID_CLIENT_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 _SLASHES = re.compile(r"/{2,}")
 # Routes OpenAI clients reach both with and without the /v1 prefix.
-_UNVERSIONED = ("/chat/", "/completions", "/embeddings", "/models")
+_UNVERSIONED = (
+    "/chat/",
+    "/completions",
+    "/embeddings",
+    "/models",
+    "/rerank",
+    "/fim/",
+    "/responses",
+    "/messages",
+)
 
 
 def normalize_path(path: str) -> str:

@@ -49,6 +49,10 @@ class ServedModel:
     ready: bool = False
 
     def __post_init__(self) -> None:
+        self.refresh_capabilities()
+
+    def refresh_capabilities(self) -> None:
+        """Recompute what every deployment can do (some learn it when their model loads)."""
         self.capabilities = common_capabilities(
             d.backend.capabilities for d in self.pool.deployments
         )
@@ -167,6 +171,7 @@ class Gateway:
             started = time.perf_counter()
             for deployment in served.pool.deployments:
                 await deployment.backend.start()
+            served.refresh_capabilities()
             served.ready = True
             log.info(
                 "model %s ready (%s) in %.2fs",

@@ -9,21 +9,32 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath
 
 from app.gateway import Gateway, ServedModel
-from app.protocol import UNSET, Model, ModelList
+from app.protocol import UNSET, Model, ModelCapabilities, ModelList
 from app.responses import json_response
 
 
 def model_object(served: ServedModel) -> Model:
-    """The OpenAI Model object of a served model, with its context length."""
+    """The OpenAI Model object of a served model, with its context length and capabilities."""
     context = served.config.context_length or next(
         (n for b in served.backends if isinstance(n := getattr(b, "context_length", None), int)),
         None,
     )
+    caps = served.capabilities
     return Model(
         id=served.config.id,
         created=served.created,
         owned_by=served.config.owned_by,
         context_length=context if isinstance(context, int) else UNSET,
+        capabilities=ModelCapabilities(
+            chat=caps.chat,
+            completions=caps.completions,
+            embeddings=caps.embeddings,
+            tools=caps.tools,
+            vision=caps.vision,
+            json_schema=caps.json_schema,
+            fim=caps.fim,
+            rerank=caps.rerank or caps.embeddings,
+        ),
     )
 
 

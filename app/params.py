@@ -105,6 +105,11 @@ def prepare_chat(
     if req.top_logprobs is not None and not req.logprobs:
         raise InvalidRequest("top_logprobs requires logprobs=true", param="top_logprobs")
     fmt = req.response_format
+    if fmt and fmt.type != "text" and not caps.json_schema:
+        raise UnsupportedParameter(
+            f"model {model.id!r} does not support response_format {fmt.type}",
+            param="response_format",
+        )
     if fmt and fmt.type == "json_schema" and fmt.json_schema is None:
         raise InvalidRequest(
             "response_format.json_schema is required when type is json_schema",

@@ -384,6 +384,19 @@ class EmbeddingList(Struct, kw_only=True):
     usage: EmbeddingUsage
 
 
+class ModelCapabilities(Struct, kw_only=True):
+    """What a model serves (extension: IDE assistants read it to enable features)."""
+
+    chat: bool
+    completions: bool
+    embeddings: bool
+    tools: bool
+    vision: bool
+    json_schema: bool
+    fim: bool
+    rerank: bool
+
+
 class Model(Struct, kw_only=True):
     """A model, as listed by /v1/models."""
 
@@ -391,8 +404,9 @@ class Model(Struct, kw_only=True):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
-    # extension: context window in tokens, read by IDE assistants
+    # extensions read by IDE assistants: context window in tokens, capabilities
     context_length: int | UnsetType = UNSET
+    capabilities: ModelCapabilities | UnsetType = UNSET
 
 
 class ModelList(Struct, kw_only=True):
@@ -441,6 +455,7 @@ __all__ = [
     "ErrorBody",
     "ErrorResponse",
     "Model",
+    "ModelCapabilities",
     "ModelList",
     "ResponseMessage",
     "StreamItem",
@@ -448,4 +463,90 @@ __all__ = [
     "TopLogprob",
     "Usage",
     "field",
+]
+
+
+# ---- extension endpoints: rerank (Cohere/Jina style) and FIM (Mistral style); not OpenAI APIs
+
+
+class RerankDocument(Struct, kw_only=True):
+    """A document given as an object (Cohere, Jina); only its `text` is read."""
+
+    text: Annotated[str, Meta(min_length=1)]
+
+
+class RerankRequest(Struct, kw_only=True, omit_defaults=True):
+    """POST /v1/rerank, as Cohere, Jina, vLLM and llama.cpp's server take it."""
+
+    model: str
+    query: Annotated[str, Meta(min_length=1)]
+    documents: Annotated[
+        list[Annotated[str, Meta(min_length=1)] | RerankDocument], Meta(min_length=1)
+    ]
+    top_n: TokenCount | None = None
+    return_documents: bool | None = None
+    # Continue's name for top_n
+    top_k: TokenCount | None = None
+
+    def texts(self) -> list[str]:
+        """The documents' text, in request order."""
+        return [d if isinstance(d, str) else d.text for d in self.documents]
+
+
+class RerankResult(Struct, kw_only=True):
+    """One document's score; `document` only when `return_documents` was true."""
+
+    index: int
+    relevance_score: float
+    document: RerankDocument | UnsetType = UNSET
+
+
+class RerankUsage(Struct, kw_only=True):
+    """Token counts of a rerank request."""
+
+    prompt_tokens: int
+    total_tokens: int
+
+
+class RerankResponse(Struct, kw_only=True):
+    """Response of POST /v1/rerank: the results, most relevant first, twice over.
+
+    `results` is what Cohere, Jina, vLLM and Open WebUI read; `data` (the same list) is what
+    Voyage-style clients such as Continue read.
+    """
+
+    id: str
+    object: Literal["list"] = "list"
+    model: str
+    results: list[RerankResult]
+    data: list[RerankResult]
+    usage: RerankUsage
+
+
+class FimCompletionRequest(Struct, kw_only=True, omit_defaults=True):
+    """POST /v1/fim/completions (Mistral's fill-in-the-middle API); answered chat-shaped."""
+
+    model: str
+    prompt: str
+    suffix: str | None = None
+    temperature: Temperature | None = None
+    top_p: Probability | None = None
+    max_tokens: Annotated[int, Meta(ge=0)] | None = None
+    min_tokens: Annotated[int, Meta(ge=0)] | None = None
+    stream: bool | None = None
+    stop: Stop | None = None
+    random_seed: int | None = None
+    # what Continue's OpenAI-style FIM client sends as well
+    max_completion_tokens: TokenCount | None = None
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+
+
+__all__ += [
+    "FimCompletionRequest",
+    "RerankDocument",
+    "RerankRequest",
+    "RerankResponse",
+    "RerankResult",
+    "RerankUsage",
 ]

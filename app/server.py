@@ -10,7 +10,18 @@ from litestar import Litestar
 from litestar.datastructures import State
 from litestar.di import Provide
 
-from app import admin, chat, completions, embeddings, health, models
+from app import (
+    admin,
+    chat,
+    completions,
+    embeddings,
+    fim,
+    health,
+    messages_api,
+    models,
+    rerank,
+    responses_api,
+)
 from app.accounting import Accounting
 from app.edge import Edge
 from app.gateway import Gateway
@@ -41,8 +52,13 @@ def build_litestar(gateway: Gateway, on_ready: Callable[[], None] | None = None)
     return Litestar(
         route_handlers=[
             chat.chat_completions,
+            messages_api.create_message,
+            messages_api.count_message_tokens,
+            responses_api.create_response,
             completions.completions,
             embeddings.embeddings,
+            rerank.rerank,
+            fim.fim_completions,
             models.list_models,
             models.retrieve_model,
             health.health,

@@ -1,4 +1,9 @@
-"""The one place where exceptions become OpenAI error JSON: responses and stream events."""
+"""The one place where exceptions become error JSON: responses and stream events.
+
+Errors are OpenAI-shaped, except on Anthropic's Messages routes, whose clients (the
+`anthropic` SDKs, Claude Code) expect Anthropic's shape: same status and headers, the
+`error.type` from Anthropic's list.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ from litestar.exceptions import HTTPException, ValidationException
 from app.accounting import exchange_of
 from app.edge import request_id_of
 from app.errors import GatewayError
+from app.messages_bridge import ErrorDetail as AnthropicErrorDetail
+from app.messages_bridge import ErrorResponse as AnthropicErrorResponse
 from app.protocol import ErrorBody, ErrorResponse
 
 log = logging.getLogger("clawbot.errors")
@@ -27,6 +34,22 @@ _HTTP_CODES = {
     413: ("invalid_request_error", "request_too_large"),
     415: ("invalid_request_error", "unsupported_media_type"),
     429: ("rate_limit_error", "rate_limit_exceeded"),
+}
+
+# Anthropic documents these; other 4xx are invalid_request_error and other 5xx api_error.
+# Its SDKs also know timeout_error (504). Anthropic says "overloaded" with 529; the gateway
+# keeps its 503 (clients retry both) but names it the same way.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
 }
 
 
@@ -91,16 +114,44 @@ def encode_error_event(exc: BaseException) -> bytes:
     return msgspec.json.encode(translate(exc).body)
 
 
-def error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
-    """Litestar exception handler for every exception type."""
-    wire = translate(exc)
+def anthropic_error_type(status: int) -> str:
+    """Anthropic's `error.type` for an HTTP status."""
+    default = "api_error" if status >= 500 else "invalid_request_error"
+    return _ANTHROPIC_TYPES.get(status, default)
+
+
+def _anthropic_body(wire: WireError) -> AnthropicErrorResponse:
+    detail = AnthropicErrorDetail(
+        type=anthropic_error_type(wire.status), message=wire.body.error.message
+    )
+    return AnthropicErrorResponse(error=detail)
+
+
+def anthropic_error_event(exc: Exception) -> tuple[str, AnthropicErrorResponse]:
+    """The `error` event that ends an Anthropic stream failing after its first byte."""
+    return "error", _anthropic_body(translate(exc))
+
+
+def _respond(request: Request[Any, Any, Any], wire: WireError, body: Any) -> Response[bytes]:
     wire.headers["x-request-id"] = request_id_of(request.scope)
     exchange = exchange_of(request.scope)
     if exchange is not None:
         exchange.error_type = wire.body.error.code or wire.body.error.type
     return Response(
-        content=msgspec.json.encode(wire.body),
+        content=msgspec.json.encode(body),
         status_code=wire.status,
         media_type="application/json",
         headers=wire.headers,
     )
+
+
+def error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    """Litestar exception handler for every exception type."""
+    wire = translate(exc)
+    return _respond(request, wire, wire.body)
+
+
+def anthropic_error_response(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    """Litestar exception handler of the Messages routes: Anthropic-shaped errors."""
+    wire = translate(exc)
+    return _respond(request, wire, _anthropic_body(wire))

@@ -15,6 +15,8 @@ from app.protocol import (
     CompletionRequest,
     EmbeddingList,
     EmbeddingRequest,
+    RerankRequest,
+    RerankResponse,
     StreamItem,
 )
 
@@ -34,6 +36,12 @@ class Capabilities:
     """Accepts image content parts."""
     token_inputs: bool = False
     """Accepts token-id arrays as embedding input as they are (else they are decoded as cl100k)."""
+    rerank: bool = False
+    """Scores documents against a query itself (`Reranker.rerank`); else rerank uses `embed`."""
+    fim: bool = False
+    """Completes with a `suffix` (fill-in-the-middle)."""
+    json_schema: bool = False
+    """Honours `response_format` json_schema / json_object."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +87,14 @@ class Backend(Protocol):
         """Release weights, threads and connections."""
 
 
+@runtime_checkable
+class Reranker(Protocol):
+    """A backend that can rerank (one whose `capabilities.rerank` is true implements this)."""
+
+    async def rerank(self, req: RerankRequest) -> RerankResponse:
+        """Score every document of `req` against its query; the gateway sorts and cuts."""
+
+
 BackendFactory = Callable[[BackendSpec], Backend]
 
 
@@ -114,6 +130,9 @@ def common_capabilities(caps: Iterable[Capabilities]) -> Capabilities:
         tools=all(c.tools for c in caps),
         vision=all(c.vision for c in caps),
         token_inputs=all(c.token_inputs for c in caps),
+        rerank=all(c.rerank for c in caps),
+        fim=all(c.fim for c in caps),
+        json_schema=all(c.json_schema for c in caps),
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import logging
 import secrets
 import threading
@@ -211,7 +212,9 @@ def _completion_logprobs(entries: list[TokenLogprob]) -> CompletionLogprobs:
 class LlamaCppBackend:
     """A GGUF model served in-process."""
 
-    capabilities = Capabilities(chat=True, completions=True, embeddings=True, max_n=1, tools=True)
+    capabilities = Capabilities(
+        chat=True, completions=True, embeddings=True, max_n=1, tools=True, json_schema=True
+    )
 
     def __init__(self, spec: BackendSpec) -> None:
         self.options = read_options(spec, LlamaOptions)
@@ -429,6 +432,8 @@ class LlamaCppBackend:
         """Load the generation context on the worker thread."""
         loop = asyncio.get_running_loop()
         self.context_length = await loop.run_in_executor(self._executor, self._load_default)
+        if self.fim_tokens is not None:
+            self.capabilities = dataclasses.replace(self.capabilities, fim=True)
 
     async def health(self) -> bool:
         """Loaded."""

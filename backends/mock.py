@@ -1,7 +1,9 @@
 """A deterministic backend for tests and benchmarks (spec `mock:`).
 
 Replies are a fixed text or an echo of the last user message, split into word "tokens";
-embeddings are unit vectors derived from a hash of the input. Options:
+a completion with a `suffix` (fill-in-the-middle) is that text followed by ` before: ` and the
+suffix, so tests can see the suffix arrived; embeddings are unit vectors derived from a hash of
+the input. Options:
 `reply`, `token_delay_ms`, `dimensions`, `fail_after_tokens` (raise mid-stream), `fail_with`
 (raise before anything: what a failing upstream would), `healthy`.
 """
@@ -115,7 +117,7 @@ class _Generation(msgspec.Struct):
 class MockBackend:
     """Deterministic fake model."""
 
-    capabilities = Capabilities(chat=True, completions=True, embeddings=True, max_n=1)
+    capabilities = Capabilities(chat=True, completions=True, embeddings=True, max_n=1, fim=True)
 
     def __init__(self, spec: BackendSpec) -> None:
         self.options = read_options(spec, MockOptions)
@@ -146,10 +148,14 @@ class MockBackend:
     async def aclose(self) -> None:
         """Nothing to release."""
 
-    def _generate(self, prompt: str, max_tokens: int | None, stop: list[str]) -> _Generation:
+    def _generate(
+        self, prompt: str, max_tokens: int | None, stop: list[str], suffix: str | None = None
+    ) -> _Generation:
         if self.options.fail_with is not None:
             raise _failure(self.options.fail_with)
         text = self.options.reply if self.options.reply is not None else f"You said: {prompt}"
+        if suffix:
+            text = f"{text} before: {suffix}"
         finish: Literal["stop", "length"] = "stop"
         cut = first_stop(text, stop)
         if cut >= 0:
@@ -157,7 +163,8 @@ class MockBackend:
         tokens = tokens_of(text)
         if max_tokens is not None and len(tokens) > max_tokens:
             tokens, finish = tokens[:max_tokens], "length"
-        return _Generation(tokens, finish, len(tokens_of(prompt)))
+        prompt_tokens = len(tokens_of(prompt)) + len(tokens_of(suffix or ""))
+        return _Generation(tokens, finish, prompt_tokens)
 
     async def _tick(self, produced: int) -> None:
         if (
@@ -291,7 +298,7 @@ class MockBackend:
         prompts = [req.prompt] if isinstance(req.prompt, str) else [str(p) for p in req.prompt]
         choices, prompt_tokens, completion_tokens = [], 0, 0
         for index, prompt in enumerate(prompts):
-            gen = self._generate(prompt, req.max_tokens, stop_list(req.stop))
+            gen = self._generate(prompt, req.max_tokens, stop_list(req.stop), req.suffix)
             for produced in range(len(gen.tokens)):
                 await self._tick(produced)
             prefix = prompt if req.echo else ""
@@ -320,7 +327,7 @@ class MockBackend:
     async def stream_complete(self, req: CompletionRequest) -> AsyncIterator[StreamItem]:
         """A streamed completion of a single prompt."""
         prompt = req.prompt if isinstance(req.prompt, str) else str(req.prompt[0])
-        gen = self._generate(prompt, req.max_tokens, stop_list(req.stop))
+        gen = self._generate(prompt, req.max_tokens, stop_list(req.stop), req.suffix)
         events = CompletionEvents(req.model)
         if req.echo:
             yield events.text(prompt)

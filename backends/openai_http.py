@@ -4,12 +4,14 @@ One pooled `httpx.AsyncClient` per backend. Streams pass through chunk by chunk:
 upstream's model name equals the public id, chunk JSON is forwarded without re-encoding.
 Options: `upstream_model`, `api_key`, `api_key_env`, `headers`, `connect_timeout_s`,
 `max_connections`, `verify` (false, or a CA bundle path), `transport` (`pooled`, our
-`PooledTransport`, or `httpx` for httpx's own httpcore pool).
+`PooledTransport`, or `httpx` for httpx's own httpcore pool), `rerank` (false when the
+upstream has no `/rerank`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import ssl
 from collections.abc import AsyncIterator, Iterator
@@ -35,10 +37,14 @@ from app.protocol import (
     CompletionRequest,
     EmbeddingList,
     EmbeddingRequest,
+    RerankRequest,
+    RerankResponse,
+    RerankResult,
+    RerankUsage,
     StreamItem,
 )
 from backends.base import BackendSpec, Capabilities
-from backends.common import read_options
+from backends.common import new_id, read_options
 from backends.http_transport import PooledTransport
 
 T = TypeVar("T", ChatCompletion, Completion, EmbeddingList, ChatCompletionChunk)
@@ -63,6 +69,9 @@ class HTTPOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     """TLS verification: false, true, or a CA bundle path."""
     transport: Literal["pooled", "httpx"] = "pooled"
     """Connection pool: our `PooledTransport` (cheap per request) or httpx's default (httpcore)."""
+    rerank: bool = True
+    """The upstream serves POST /rerank (llama.cpp's server with `--reranking`, vLLM, Infinity);
+    false scores rerank requests by embedding similarity instead."""
 
 
 class _UpstreamErrorBody(msgspec.Struct):
@@ -77,6 +86,25 @@ class _UpstreamError(msgspec.Struct):
 
 
 _decode_error = msgspec.json.Decoder(_UpstreamError).decode
+
+
+class _UpstreamRerankResult(msgspec.Struct):
+    index: int
+    relevance_score: float
+
+
+class _UpstreamRerankUsage(msgspec.Struct):
+    prompt_tokens: int | None = None
+    total_tokens: int | None = None
+
+
+class _UpstreamRerank(msgspec.Struct):
+    """A rerank answer in Cohere/Jina/llama.cpp style (`results`) or Voyage style (`data`)."""
+
+    id: str | None = None
+    results: list[_UpstreamRerankResult] | None = None
+    data: list[_UpstreamRerankResult] | None = None
+    usage: _UpstreamRerankUsage | None = None
 
 
 def _is_error_event(payload: str) -> bool:
@@ -157,6 +185,9 @@ class OpenAIHTTPBackend:
         tools=True,
         vision=True,
         token_inputs=True,
+        rerank=True,
+        fim=True,
+        json_schema=True,
     )
 
     def __init__(self, spec: BackendSpec) -> None:
@@ -193,6 +224,8 @@ class OpenAIHTTPBackend:
             transport=transport,
         )
         self._passthrough = self.upstream_model == self.public_model
+        if not options.rerank:
+            self.capabilities = dataclasses.replace(self.capabilities, rerank=False)
 
     async def start(self) -> None:
         """Nothing to load; connections open on first use."""
@@ -292,3 +325,35 @@ class OpenAIHTTPBackend:
     async def embed(self, req: EmbeddingRequest) -> EmbeddingList:
         """POST /embeddings upstream."""
         return await self._post("/embeddings", req, EmbeddingList)
+
+    async def rerank(self, req: RerankRequest) -> RerankResponse:
+        """POST /rerank upstream, documents as plain strings (what llama.cpp's server needs)."""
+        body = msgspec.structs.replace(
+            req, model=self.upstream_model, documents=req.texts(), return_documents=None, top_k=None
+        )
+        with map_httpx_errors(self.base_url):
+            async with asyncio.timeout(self.timeout_s):
+                response = await self._client.post("/rerank", content=msgspec.json.encode(body))
+        if response.status_code >= 400:
+            raise status_error(response.status_code, response.content, response.headers)
+        try:
+            answer = msgspec.json.decode(response.content, type=_UpstreamRerank)
+        except msgspec.MsgspecError as exc:
+            raise UpstreamError(
+                f"upstream {self.base_url}/rerank returned an invalid response: {exc}"
+            ) from exc
+        scored = answer.results if answer.results is not None else answer.data
+        if scored is None:
+            raise UpstreamError(
+                f"upstream {self.base_url}/rerank answered without `results` or `data`"
+            )
+        results = [RerankResult(index=r.index, relevance_score=r.relevance_score) for r in scored]
+        usage = answer.usage or _UpstreamRerankUsage()
+        total = usage.total_tokens or usage.prompt_tokens or 0
+        return RerankResponse(
+            id=answer.id or new_id("rerank"),
+            model=self.public_model,
+            results=results,
+            data=results,
+            usage=RerankUsage(prompt_tokens=usage.prompt_tokens or total, total_tokens=total),
+        )

@@ -268,8 +268,21 @@ def test_empty_completion_prompt_is_not_a_server_error(client: OpenAI, model: st
 @pytest.mark.parametrize(
     ("model", "kwargs", "param"),
     [
-        (EMBEDDED, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        (EMBEDDED, {"response_format": {"type": "json_object"}}, "response_format"),
+        (EMBEDDED, {"n": 2}, "n"),
+        (
+            EMBEDDED,
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": "n",
+                        "strict": True,
+                        "schema": {"type": "integer", "minimum": 1},
+                    },
+                }
+            },
+            "response_format.json_schema.schema",
+        ),
         (UPSTREAM, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         (
             UPSTREAM,
@@ -294,4 +307,7 @@ def test_unsupported_features_are_bad_requests(
         client.chat.completions.create(**{"model": model, "messages": USER, **kwargs})
     error = error_body(caught.value, 400)
     assert error["param"] == param
-    assert error["code"] == "unsupported_parameter"
+    expected = (
+        "invalid_json_schema" if param.startswith("response_format") else "unsupported_parameter"
+    )
+    assert error["code"] == expected

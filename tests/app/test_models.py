@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from litestar.testing import AsyncTestClient
 
-from tests.conftest import AUTH
+from app.gateway import Gateway
+from app.server import create_app
+from tests.conftest import AUTH, make_config
 
 
 async def test_list(client: AsyncTestClient[Any]) -> None:
@@ -43,3 +46,47 @@ async def test_unknown_is_404(client: AsyncTestClient[Any]) -> None:
     r = await client.get("/v1/models/nope", headers=AUTH)
     assert r.status_code == 404
     assert r.json()["error"]["code"] == "model_not_found"
+
+
+async def test_capabilities_say_what_every_deployment_can_do(make_client: Any) -> None:
+    models = [
+        {"id": "plain", "backend": "mock:"},
+        {"id": "tools", "backend": "mock:", "options": {"tool_arguments": {}}},
+        {"id": "remote", "backend": "http://127.0.0.1:9/v1"},
+        {
+            "id": "mixed",
+            "deployments": [
+                {"name": "remote", "backend": "http://127.0.0.1:9/v1"},
+                {"name": "local", "backend": "mock:"},
+            ],
+        },
+    ]
+    async with make_client(make_config(models)) as c:
+        data = {
+            m["id"]: m["capabilities"]
+            for m in (await c.get("/v1/models", headers=AUTH)).json()["data"]
+        }
+    assert data["plain"] == {
+        "chat": True,
+        "completions": True,
+        "embeddings": True,
+        "tools": False,
+        "vision": False,
+        "json_schema": False,
+        "fim": True,
+        "rerank": True,
+    }
+    assert data["tools"]["tools"] is True
+    assert data["remote"] == dict.fromkeys(data["plain"], True)
+    assert data["mixed"] == data["plain"], "a pool promises what all its deployments can do"
+
+
+@pytest.mark.slow
+async def test_embedded_model_capabilities_after_load() -> None:
+    """Learned when the model loads: SmolLM2 has no FIM tokens, and grammars give JSON."""
+    config = make_config([{"id": "smol", "backend": "llamacpp:embedded", "context_length": 512}])
+    async with AsyncTestClient(app=create_app(Gateway.from_config(config))) as c:  # type: ignore[arg-type]
+        caps = (await c.get("/v1/models/smol", headers=AUTH)).json()["capabilities"]
+    assert caps["tools"] is True
+    assert caps["json_schema"] is True
+    assert caps["fim"] is False

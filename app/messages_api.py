@@ -1,0 +1,69 @@
+"""POST /v1/messages and /v1/messages/count_tokens: Anthropic's Messages API, on the chat path.
+
+For Claude Code and the `anthropic` SDKs pointed at the gateway (`ANTHROPIC_BASE_URL`).
+Requests are bridged onto chat completions (`app.messages_bridge`), so every backend serves
+them with the same routing, limits and audit; errors on these routes are Anthropic-shaped.
+The `anthropic-version` and `anthropic-beta` headers are accepted and not needed.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from litestar import Request, Response, post
+from litestar.di import NamedDependency
+from litestar.response import Stream
+from litestar.types import ExceptionHandlersMap
+
+from app.bodies import decode_body
+from app.gateway import Gateway
+from app.generation import chat_answer, chat_chunks
+from app.messages_bridge import (
+    CountTokensRequest,
+    CountTokensResponse,
+    MessagesRequest,
+    estimate_input_tokens,
+    message_events,
+    to_chat_messages,
+    to_chat_request,
+    to_chat_tools,
+    to_message,
+)
+from app.responses import json_response, named_sse_response
+from app.wire_errors import anthropic_error_event, anthropic_error_response
+
+# Everything raised on these routes (policies, body decoding, backends) is answered in
+# Anthropic's shape; the app-wide handler stays OpenAI's.
+ANTHROPIC_ERRORS: ExceptionHandlersMap = {Exception: anthropic_error_response}
+
+
+@post("/v1/messages", status_code=200, exception_handlers=ANTHROPIC_ERRORS)
+async def create_message(
+    request: Request[Any, Any, Any], gateway: NamedDependency[Gateway]
+) -> Response[bytes] | Stream:
+    """A message, streamed as Anthropic's named SSE events when `stream` is true."""
+    req = decode_body(await request.body(), MessagesRequest)
+    chat = to_chat_request(req)
+    # Counted at most once: for token limits, and for `message_start` of a stream.
+    input_tokens = cache(lambda: estimate_input_tokens(chat.messages, chat.tools))
+    ctx, served = await gateway.admit_model(
+        request, req.model, lambda: input_tokens() + req.max_tokens
+    )
+    if req.stream:
+        chunks = chat_chunks(request, gateway, ctx, served, chat)
+        events = message_events(chunks, served.config.id, input_tokens)
+        return await named_sse_response(events, anthropic_error_event)
+    result = await chat_answer(request, gateway, ctx, served, chat)
+    return json_response(to_message(result, input_tokens))
+
+
+@post("/v1/messages/count_tokens", status_code=200, exception_handlers=ANTHROPIC_ERRORS)
+async def count_message_tokens(
+    request: Request[Any, Any, Any], gateway: NamedDependency[Gateway]
+) -> Response[bytes]:
+    """The prompt's input tokens, estimated in cl100k; nothing is generated."""
+    req = decode_body(await request.body(), CountTokensRequest)
+    messages, tools = to_chat_messages(req), to_chat_tools(req.tools)
+    await gateway.admit_model(request, req.model)
+    return json_response(CountTokensResponse(input_tokens=estimate_input_tokens(messages, tools)))

@@ -1,0 +1,44 @@
+"""POST /v1/responses: the OpenAI Responses API, served by the chat path of any backend."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, post
+from litestar.di import NamedDependency
+from litestar.response import Stream
+
+from app.bodies import decode_body
+from app.gateway import Gateway
+from app.generation import chat_answer, chat_chunks
+from app.responses import json_response, named_sse_response
+from app.responses_bridge import (
+    ResponseStream,
+    bridge_request,
+    bridge_response,
+    response_events,
+)
+from app.responses_protocol import CreateResponse
+from app.tokens import estimate_chat
+
+
+@post("/v1/responses", status_code=200)
+async def create_response(
+    request: Request[Any, Any, Any], gateway: NamedDependency[Gateway]
+) -> Response[bytes] | Stream:
+    """A model response, streamed as named SSE events when `stream` is true."""
+    req = decode_body(await request.body(), CreateResponse)
+    bridged = bridge_request(req)
+    ctx, served = await gateway.admit_model(
+        request, req.model, partial(estimate_chat, bridged.chat)
+    )
+    # Until the backend answers, the response names the model as configured (not an alias).
+    shell = msgspec.structs.replace(bridged.shell, model=served.config.id)
+    if req.stream:
+        chunks = chat_chunks(request, gateway, ctx, served, bridged.chat)
+        stream = ResponseStream(shell)
+        return await named_sse_response(response_events(chunks, stream), stream.error)
+    completion = await chat_answer(request, gateway, ctx, served, bridged.chat)
+    return json_response(bridge_response(completion, shell))
