@@ -15,6 +15,8 @@ import msgspec
 from app.config import ConfigError
 from app.protocol import (
     UNSET,
+    ChatChoice,
+    ChatCompletion,
     ChatCompletionChunk,
     ChoiceLogprobs,
     ChunkChoice,
@@ -26,6 +28,7 @@ from app.protocol import (
     EmbeddingList,
     EmbeddingRequest,
     EmbeddingUsage,
+    ResponseMessage,
     StreamOptions,
     Usage,
 )
@@ -35,6 +38,9 @@ FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "functi
 CompletionFinish = Literal["stop", "length", "content_filter"]
 
 OptionsT = TypeVar("OptionsT", bound=msgspec.Struct)
+
+
+ChatFinishReason = Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
 
 
 def new_id(prefix: str) -> str:
@@ -72,6 +78,25 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
 def wants_usage(options: StreamOptions | None) -> bool:
     """Whether a stream must end with a usage chunk."""
     return bool(options and options.include_usage)
+
+
+def chat_completion(
+    model: str,
+    message: ResponseMessage,
+    finish_reason: ChatFinishReason,
+    counts: Usage,
+    logprobs: ChoiceLogprobs | None = None,
+) -> ChatCompletion:
+    """A one-choice chat completion."""
+    return ChatCompletion(
+        id=new_id("chatcmpl"),
+        created=now(),
+        model=model,
+        choices=[
+            ChatChoice(index=0, message=message, logprobs=logprobs, finish_reason=finish_reason)
+        ],
+        usage=counts,
+    )
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> Usage:

@@ -32,7 +32,6 @@ from msgspec import Meta
 from app.config import ConfigError
 from app.errors import ContextLengthExceeded, InvalidRequest, UnsupportedParameter, UpstreamError
 from app.protocol import (
-    ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
     ChatMessage,
@@ -52,6 +51,7 @@ from backends.base import BackendSpec, Capabilities
 from backends.common import (
     ChatChunks,
     CompletionEvents,
+    chat_completion,
     embedding_list,
     new_id,
     now,
@@ -526,19 +526,12 @@ class LlamaCppBackend:
                 elif isinstance(event, _End):
                     counts = usage(event.prompt_tokens, event.completion_tokens)
         shaper.finish(finish)
-        return ChatCompletion(
-            id=new_id("chatcmpl"),
-            created=now(),
-            model=self.model_id,
-            choices=[
-                ChatChoice(
-                    index=0,
-                    message=shaper.message(),
-                    logprobs=_chat_logprobs(entries) if req.logprobs else None,
-                    finish_reason=shaper.finish_reason(finish),
-                )
-            ],
-            usage=counts,
+        return chat_completion(
+            self.model_id,
+            shaper.message(),
+            shaper.finish_reason(finish),
+            counts,
+            _chat_logprobs(entries) if req.logprobs else None,
         )
 
     async def stream_chat(self, req: ChatCompletionRequest) -> AsyncIterator[StreamItem]:

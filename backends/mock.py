@@ -31,7 +31,6 @@ from app.errors import (
     UpstreamUnavailable,
 )
 from app.protocol import (
-    ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
     ChoiceLogprobs,
@@ -55,6 +54,7 @@ from backends.base import BackendSpec, Capabilities
 from backends.common import (
     ChatChunks,
     CompletionEvents,
+    chat_completion,
     embedding_list,
     first_stop,
     new_id,
@@ -200,41 +200,21 @@ class MockBackend:
         """A reply to the last user message (or a tool call, see `tool_arguments`)."""
         call = self._tool_call(req)
         if call is not None:
-            return ChatCompletion(
-                id=new_id("chatcmpl"),
-                created=now(),
-                model=req.model,
-                choices=[
-                    ChatChoice(
-                        index=0,
-                        message=ResponseMessage(content=None, tool_calls=[call]),
-                        finish_reason="tool_calls",
-                    )
-                ],
-                usage=usage(
-                    len(tokens_of(self._chat_prompt(req))), len(tokens_of(call.function.arguments))
-                ),
+            counts = usage(
+                len(tokens_of(self._chat_prompt(req))), len(tokens_of(call.function.arguments))
             )
+            message = ResponseMessage(content=None, tool_calls=[call])
+            return chat_completion(req.model, message, "tool_calls", counts)
         gen = self._generate(self._chat_prompt(req), req.max_tokens, stop_list(req.stop))
         for produced in range(len(gen.tokens)):
             await self._tick(produced)
-        return ChatCompletion(
-            id=new_id("chatcmpl"),
-            created=now(),
-            model=req.model,
-            choices=[
-                ChatChoice(
-                    index=0,
-                    message=ResponseMessage(content="".join(gen.tokens)),
-                    logprobs=(
-                        self._chat_logprobs(gen.tokens, req.top_logprobs or 0)
-                        if req.logprobs
-                        else None
-                    ),
-                    finish_reason=gen.finish_reason,
-                )
-            ],
-            usage=usage(gen.prompt_tokens, len(gen.tokens)),
+        logprobs = self._chat_logprobs(gen.tokens, req.top_logprobs or 0) if req.logprobs else None
+        return chat_completion(
+            req.model,
+            ResponseMessage(content="".join(gen.tokens)),
+            gen.finish_reason,
+            usage(gen.prompt_tokens, len(gen.tokens)),
+            logprobs,
         )
 
     async def stream_chat(self, req: ChatCompletionRequest) -> AsyncIterator[StreamItem]:
