@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -39,6 +40,13 @@ class ModelServer(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True)
     """PEM private key, for protocol https."""
     max_body_bytes: PositiveInt = 16 * 1024 * 1024
     """Request bodies above this are refused with 413."""
+    tls_min_version: Literal["1.2", "1.3"] = "1.2"
+    """Oldest TLS version a client may use (protocol https)."""
+    trusted_proxies: tuple[str, ...] = ()
+    """Addresses or CIDRs of reverse proxies whose `X-Forwarded-For` names the real client."""
+    workers: PositiveInt = 1
+    """Worker processes sharing the listening socket; above 1 needs shared storage (Redis
+    rate limits and router state, a database every worker reaches)."""
 
 
 class Auth(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -55,12 +63,20 @@ class Auth(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
 
 
 class Logging(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """Log level and destination."""
+    """Log level, destination, format and rotation."""
 
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     """Minimum level written."""
     path: str = ""
-    """Log file; empty logs to stderr."""
+    """Log file (relative: next to clawbot.json); empty logs to stderr."""
+    format: Literal["json", "text"] = "json"
+    """`json`: one JSON object per line; `text`: for humans."""
+    max_bytes: Annotated[int, Meta(ge=0)] = 50 * 1024 * 1024
+    """A log file is rotated at this size (0: never)."""
+    backup_count: Annotated[int, Meta(ge=0)] = 5
+    """Rotated files kept."""
+    access_log: bool = True
+    """One line per request (method, path, status, latency, model, key id, request id)."""
 
 
 class DatabaseSettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -116,6 +132,45 @@ class RouterSettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     """How often a replica reads what the others reported (their bounded staleness)."""
     key_prefix: str = "clawbot:router:"
     """Prefix of the Redis keys (separate clusters sharing a Redis use different ones)."""
+
+
+class IpAllowlist(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Client addresses allowed in; an empty list allows every address."""
+
+    api: tuple[str, ...] = ()
+    """Addresses or CIDRs (IPv4 and IPv6) allowed to call the API (everything but /admin)."""
+    admin: tuple[str, ...] = ()
+    """Addresses or CIDRs allowed to call /admin (and /metrics)."""
+
+
+class PolicySettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Built-in policies' settings and plugin policies to enable."""
+
+    ip_allowlist: IpAllowlist = IpAllowlist()
+    """Checked before authentication."""
+    plugins: tuple[str, ...] = ()
+    """Names of policies registered under the `clawbot.policies` entry point, run in order
+    after the built-in ones."""
+    plugin_options: dict[str, dict[str, Any]] = {}
+    """Options per plugin name, passed to its factory."""
+
+
+class MetricsSettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Prometheus metrics at `GET /metrics`."""
+
+    enabled: bool = True
+    """Serve /metrics."""
+    require_key: bool = False
+    """Ask for the master key (scrapers usually rely on the admin IP allowlist instead)."""
+
+
+class ReloadSettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Hot reload of clawbot.json (SIGHUP always reloads)."""
+
+    watch: bool = True
+    """Reload when the file changes."""
+    poll_interval_s: Annotated[float, Meta(gt=0)] = 1.0
+    """How often the file's modification time is checked."""
 
 
 class SamplingDefaults(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -247,6 +302,12 @@ class Config(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Audit log settings."""
     router: RouterSettings = RouterSettings()
     """Where routing state lives."""
+    policies: PolicySettings = PolicySettings()
+    """IP allowlists and plugin policies."""
+    metrics: MetricsSettings = MetricsSettings()
+    """Prometheus metrics."""
+    reload: ReloadSettings = ReloadSettings()
+    """Hot reload."""
     models: tuple[ModelConfig, ...] = ()
     """Served models; at least one."""
 
@@ -300,6 +361,11 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
         raise ConfigError(f"cannot read config file {file}: {exc.strerror}") from exc
     config = parse_config(raw, source=str(file))
     config = _anchor_sqlite_path(config, file.resolve().parent)
+    if config.logging.path and not Path(config.logging.path).is_absolute():
+        path = str(file.resolve().parent / config.logging.path)
+        config = msgspec.structs.replace(
+            config, logging=msgspec.structs.replace(config.logging, path=path)
+        )
     overrides = {
         field: environ[name]
         for field, name in (
@@ -343,6 +409,20 @@ def _check(config: Config, source: str) -> None:
             seen[name] = index
     for index, model in enumerate(config.models):
         _check_model(model, f"{source}: models[{index}]", seen)
+    networks = {
+        "model_server.trusted_proxies": config.model_server.trusted_proxies,
+        "policies.ip_allowlist.api": config.policies.ip_allowlist.api,
+        "policies.ip_allowlist.admin": config.policies.ip_allowlist.admin,
+    }
+    for key, values in networks.items():
+        for value in values:
+            try:
+                ipaddress.ip_network(value, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"{source}: {key}: {value!r} is not an IP address or CIDR "
+                    "(e.g. 10.0.0.0/8, 192.168.1.7, fd00::/8)"
+                ) from None
     if not config.router.state.startswith(("memory://", "redis://", "rediss://")):
         raise ConfigError(
             f"{source}: router.state: {config.router.state!r} is neither memory:// nor redis://"
