@@ -33,6 +33,7 @@ from app.config import (
 )
 from app.gateway import Gateway
 from app.monitor import check_deployment
+from app.workers import check_workers, supervise
 
 log = logging.getLogger("clawbot")
 
@@ -44,6 +45,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Nam
     serve_cmd = sub.add_parser("serve", help="run the gateway")
     serve_cmd.add_argument("--host", help="override model_server.host")
     serve_cmd.add_argument("--port", type=int, help="override model_server.port (0: any port)")
+    serve_cmd.add_argument(
+        "--workers", type=int, help="override model_server.workers (processes sharing the port)"
+    )
     check_cmd = sub.add_parser("check", help="validate the config and load every backend")
     db_cmd = sub.add_parser("db", help="database schema")
     db_cmd.add_argument("action", choices=["upgrade", "current"], help="migrate, or show")
@@ -114,26 +118,42 @@ def banner(config: Config, host: str, port: int) -> str:
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Load config, bind, and serve until interrupted."""
-    import uvicorn
-
-    from app.server import create_app
-
+    """Load config, bind, and serve until interrupted (in `--workers` processes if asked)."""
     config = load_config(args.config)
     setup_logging(config)
     host = args.host or config.model_server.host
     port = config.model_server.port if args.port is None else args.port
+    workers = config.model_server.workers if args.workers is None else args.workers
     if not config.auth.api_key and host not in LOOPBACK_HOSTS:
         raise ConfigError(
             f"refusing to listen on {host} without an API key: set auth.api_key in "
             f"{args.config} or CLAWBOT_API_KEY, or bind to 127.0.0.1"
         )
-    gateway = Gateway.from_config(config)
+    check_workers(config, workers)
+    gateway = Gateway.from_config(config)  # a bad backend spec fails here, before binding
     sock = bind_socket(host, port)
     bound_port = sock.getsockname()[1]
 
-    def on_ready() -> None:
+    def announce() -> None:
         print(banner(config, host, bound_port), flush=True)
+
+    if workers == 1:
+        return run_server(config, gateway, sock, announce)
+    del gateway  # each worker builds its own after the fork
+    return supervise(
+        workers,
+        lambda ready: run_server(config, Gateway.from_config(config), sock, ready),
+        announce,
+    )
+
+
+def run_server(
+    config: Config, gateway: Gateway, sock: socket.socket, on_ready: Callable[[], None]
+) -> int:
+    """Serve `gateway` on the bound `sock` until SIGTERM/SIGINT; `on_ready` once it serves."""
+    import uvicorn
+
+    from app.server import create_app
 
     server_config = uvicorn.Config(
         create_app(gateway, on_ready=on_ready),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import logging
+import os
 from importlib.resources import files
 from typing import Any
 
@@ -66,6 +69,11 @@ class Database:
             raise ConfigError(f"database.url: cannot parse {url!r}: {exc}") from exc
         kwargs: dict[str, Any] = {}
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        self._sqlite_file = (
+            parsed.database
+            if self.is_sqlite and parsed.database not in (None, "", ":memory:")
+            else None
+        )
         if self.is_sqlite and parsed.database in (None, "", ":memory:"):
             # One shared connection, or every connection would see its own empty database.
             kwargs.update(poolclass=StaticPool, connect_args={"check_same_thread": False})
@@ -83,7 +91,22 @@ class Database:
         return self.sessions()
 
     async def upgrade(self) -> str | None:
-        """Apply every pending migration; returns the revision now current."""
+        """Apply every pending migration; returns the revision now current.
+
+        Processes starting together (workers, replicas) migrate one at a time: PostgreSQL
+        through an advisory lock, a SQLite file through a lock file next to it.
+        """
+        if self._sqlite_file is None:
+            return await self._upgrade()
+        path = f"{self._sqlite_file}.migrate-lock"
+        lock = await asyncio.to_thread(os.open, path, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
+            return await self._upgrade()
+        finally:
+            os.close(lock)  # closing releases the lock
+
+    async def _upgrade(self) -> str | None:
         async with self.engine.begin() as connection:
             revision = await connection.run_sync(_upgrade)
         log.info("database %s at revision %s", self.url, revision)
