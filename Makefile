@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CONFIG ?= clawbot.json
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clean chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,23 @@ $(STAMP): $(BIN)/python pyproject.toml
 run: $(STAMP)
 	$(BIN)/clawbot serve --config $(CONFIG)
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/ruff check app backends policies tests compat_tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
+
+# The admin UI's browser test drives the system Chromium (Playwright downloads no browser):
+# installed when missing; CI must have it, elsewhere the test is skipped without it.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+				apt-get install -y -qq --no-install-recommends chromium fonts-liberation >/dev/null; \
+		elif [ "$$CI" = true ]; then \
+			echo "CI=true needs chromium for the admin UI browser test" >&2; exit 1; \
+		else \
+			echo "chromium is not installed: the admin UI browser test will be skipped"; \
+		fi; }
 
 bench: $(STAMP)
 	$(BIN)/python bench/gateway_overhead.py

@@ -16,12 +16,15 @@ from typing import TYPE_CHECKING, Any
 from litestar.types import ASGIApp, Message, Receive, ReceiveMessage, Scope, Send
 
 from app.edge import request_id_of
+from app.logs import REQUEST_ID
 
 if TYPE_CHECKING:
     from app.context import RequestContext
 
 AUDITED_PREFIXES = ("/v1/", "/admin/")
 """Routes that get an audit row; probes (/health, /ready) would only drown it."""
+UNAUDITED_PREFIXES = ("/admin/ui",)
+"""The dashboard's static files: the API calls it makes are audited, its assets are not."""
 
 
 @dataclass(slots=True)
@@ -31,6 +34,7 @@ class Exchange:
     started: float
     route: str
     request_id: str = ""
+    method: str = ""
     client_ip: str | None = None
     ctx: RequestContext | None = None
     backend: str | None = None
@@ -41,6 +45,10 @@ class Exchange:
     error_type: str | None = None
     first_byte_at: float | None = None
     finished_at: float | None = None
+    template: str | None = None
+    """The matched route's path template (`/admin/keys/{key_id}`); None if none matched."""
+    upstream_s: float = 0.0
+    """Time spent waiting on backends (every attempt, every stream item), for metrics."""
     request_body: bytes | None = None
     response_body: bytearray | None = None
     """Collected only when body logging is enabled."""
@@ -52,7 +60,9 @@ class Exchange:
     @property
     def audited(self) -> bool:
         """Whether this route gets an audit row."""
-        return self.route.startswith(AUDITED_PREFIXES)
+        return self.route.startswith(AUDITED_PREFIXES) and not self.route.startswith(
+            UNAUDITED_PREFIXES
+        )
 
     @property
     def latency_ms(self) -> float:
@@ -109,6 +119,8 @@ class Accounting:
         self.app = app
         self.finish = finish
         self.keep_bodies = keep_bodies
+        self.in_flight = 0
+        """HTTP requests being served."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # type: ignore[comparison-overlap]
@@ -119,8 +131,11 @@ class Accounting:
             started=time.perf_counter(),
             route=scope["path"],
             request_id=request_id_of(scope),
+            method=scope["method"],  # type: ignore[typeddict-item]  # http scopes have it
             client_ip=client[0] if client else None,
         )
+        logged_as = REQUEST_ID.set(exchange.request_id)
+        self.in_flight += 1
         state: dict[str, Any] = scope.setdefault("state", {})
         state["exchange"] = exchange
         if self.keep_bodies:
@@ -152,4 +167,9 @@ class Accounting:
         finally:
             if exchange.finished_at is None:
                 exchange.finished_at = time.perf_counter()
-            await self.finish(exchange)
+            self.in_flight -= 1
+            exchange.template = scope.get("path_template")
+            try:
+                await self.finish(exchange)
+            finally:
+                REQUEST_ID.reset(logged_as)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 import re
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Request, Response, get, patch, post
@@ -13,7 +13,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath
 from msgspec import UNSET, Meta, UnsetType
 
-from app.audit import usage_summary
+from app.audit import recent_errors, usage_series, usage_summary
 from app.bodies import decode_body
 from app.context import credential_of
 from app.errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
@@ -24,6 +24,10 @@ from app.responses import json_response
 PositiveInt = Annotated[int, Meta(ge=1)]
 _DURATION = re.compile(r"^(?P<n>\d+(?:\.\d+)?)(?P<unit>s|m|h|d)$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_SERIES_BUCKETS = 1000
+"""The most buckets one `/admin/usage/series` answer may hold."""
+MAX_ERRORS = 1000
+"""The most rows one `/admin/errors` answer may hold."""
 
 
 class KeyCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -75,7 +79,7 @@ def parse_duration(text: str) -> timedelta | None:
     return timedelta(seconds=float(match["n"]) * _UNITS[match["unit"]])
 
 
-def parse_time(text: str, now: datetime) -> datetime:
+def parse_time(text: str, now: datetime, param: str = "since") -> datetime:
     """A duration before `now` (`24h`, `7d`), or an ISO 8601 time (UTC when naive)."""
     ago = parse_duration(text)
     if ago is not None:
@@ -84,9 +88,16 @@ def parse_time(text: str, now: datetime) -> datetime:
         parsed = datetime.fromisoformat(text.strip())
     except ValueError as exc:
         raise InvalidRequest(
-            f"{text!r} is neither a duration like 24h nor an ISO 8601 time", param="since"
+            f"{text!r} is neither a duration like 24h nor an ISO 8601 time", param=param
         ) from exc
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _group_by(text: str) -> list[Literal["key_id", "model"]]:
+    groups = [g for g in text.split(",") if g]
+    if not set(groups) <= {"key_id", "model"}:
+        raise InvalidRequest("group_by takes key_id, model or both", param="group_by")
+    return groups  # type: ignore[return-value]
 
 
 def require_master(request: Request[Any, Any, Any], gateway: Gateway) -> None:
@@ -202,11 +213,9 @@ async def usage(
     now = datetime.now(UTC)
     query = request.query_params
     since = parse_time(query.get("since", "24h"), now)
-    until = parse_time(query["until"], now) if "until" in query else now
-    groups = tuple(g for g in query.get("group_by", "key_id,model").split(",") if g)
-    if not set(groups) <= {"key_id", "model"}:
-        raise InvalidRequest("group_by takes key_id, model or both", param="group_by")
-    rows = await usage_summary(gateway.db, since=since, until=until, group_by=groups)  # type: ignore[arg-type]
+    until = parse_time(query["until"], now, "until") if "until" in query else now
+    groups = _group_by(query.get("group_by", "key_id,model"))
+    rows = await usage_summary(gateway.db, since=since, until=until, group_by=groups)
     return json_response(
         {
             "object": "list",
@@ -215,6 +224,63 @@ async def usage(
             "data": [msgspec.to_builtins(r) for r in rows],
         }
     )
+
+
+@get("/admin/usage/series")
+async def usage_by_bucket(
+    request: Request[Any, Any, Any], gateway: NamedDependency[Gateway]
+) -> Response[bytes]:
+    """API requests and tokens per key and model per time bucket (`since`, `until`, `bucket`,
+    `group_by`); `since` moves back to the start of its bucket, so every bucket is whole."""
+    require_master(request, gateway)
+    now = datetime.now(UTC)
+    query = request.query_params
+    bucket = parse_duration(query.get("bucket", "1h"))
+    seconds = 0.0 if bucket is None else bucket.total_seconds()
+    if bucket is None or seconds < 1 or not seconds.is_integer():
+        raise InvalidRequest(
+            "bucket is a whole number of seconds or more, like 90s, 5m, 1h or 1d", param="bucket"
+        )
+    since = parse_time(query.get("since", "24h"), now)
+    until = parse_time(query["until"], now, "until") if "until" in query else now
+    since = datetime.fromtimestamp(since.timestamp() // seconds * seconds, UTC)
+    if since >= until:
+        raise InvalidRequest("since must be before until", param="since")
+    if (until - since) / bucket > MAX_SERIES_BUCKETS:
+        raise InvalidRequest(
+            f"more than {MAX_SERIES_BUCKETS} buckets of {query.get('bucket', '1h')} from since "
+            "to until: choose a larger bucket or a shorter period",
+            param="bucket",
+        )
+    groups = _group_by(query.get("group_by", "key_id,model"))
+    points = await usage_series(
+        gateway.db, since=since, until=until, bucket=bucket, group_by=groups
+    )
+    return json_response(
+        {
+            "object": "list",
+            "since": since.isoformat(),
+            "until": until.isoformat(),
+            "bucket_s": int(seconds),
+            "data": points,
+        }
+    )
+
+
+@get("/admin/errors")
+async def list_errors(
+    request: Request[Any, Any, Any], gateway: NamedDependency[Gateway]
+) -> Response[bytes]:
+    """The latest requests answered with status >= 400, newest first (`limit`, default 50)."""
+    require_master(request, gateway)
+    text = request.query_params.get("limit", "50")
+    limit = int(text) if text.isascii() and text.isdigit() else 0
+    if not 1 <= limit <= MAX_ERRORS:
+        raise InvalidRequest(
+            f"limit is a whole number from 1 to {MAX_ERRORS}, not {text!r}", param="limit"
+        )
+    rows = await recent_errors(gateway.db, limit=limit)
+    return json_response({"object": "list", "data": rows})
 
 
 @get("/admin/backends")

@@ -20,17 +20,20 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import msgspec
 from sqlalchemy import (
     BigInteger,
     DateTime,
+    Integer,
     String,
     Table,
     bindparam,
     case,
+    cast,
+    extract,
     func,
     insert,
     or_,
@@ -38,6 +41,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
+from sqlalchemy.sql import ColumnElement
 
 from app.storage.database import Database
 from app.storage.schema import ApiKey, AuditRecord
@@ -363,6 +367,15 @@ such as the master key, matches no row)."""
 _GROUPS = ("key_id", "model")
 
 
+def _groups(group_by: Sequence[str]) -> list[str]:
+    """`group_by` without repeats; ValueError for a column usage cannot be grouped by."""
+    groups = list(dict.fromkeys(group_by))
+    for name in groups:
+        if name not in _GROUPS:
+            raise ValueError(f"cannot group usage by {name!r}; choose from {_GROUPS}")
+    return groups
+
+
 async def usage_summary(
     db: Database,
     *,
@@ -371,10 +384,7 @@ async def usage_summary(
     group_by: Sequence[Literal["key_id", "model"]] = ("key_id", "model"),
 ) -> list[UsageRow]:
     """Requests, errors and tokens in `[since, until)`, per group, most tokens first."""
-    groups = list(dict.fromkeys(group_by))
-    for name in groups:
-        if name not in _GROUPS:
-            raise ValueError(f"cannot group usage by {name!r}; choose from {_GROUPS}")
+    groups = _groups(group_by)
     columns = [_AUDIT.c[name] for name in groups]
     prompt = func.coalesce(func.sum(_AUDIT.c.prompt_tokens), 0)
     completion = func.coalesce(func.sum(_AUDIT.c.completion_tokens), 0)
@@ -412,3 +422,123 @@ async def usage_summary(
             )
         )
     return summary
+
+
+class SeriesPoint(msgspec.Struct, frozen=True, kw_only=True):
+    """Requests and tokens of one group in one time bucket (a field not grouped by is None)."""
+
+    bucket: datetime
+    """The bucket's start, in UTC."""
+    key_id: str | None = None
+    model: str | None = None
+    requests: int
+    errors: int
+    """Answers with status >= 400."""
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+def _bucket_start(db: Database, seconds: int) -> ColumnElement[int]:
+    """Each row's bucket: its time in seconds since the Unix epoch, floored to `seconds`."""
+    if db.is_sqlite:
+        # Stored as UTC text; integer division floors the (positive) epoch seconds.
+        return cast(func.strftime("%s", _AUDIT.c.ts), Integer) // seconds * seconds
+    return cast(func.floor(extract("epoch", _AUDIT.c.ts) / seconds), BigInteger) * seconds
+
+
+async def usage_series(
+    db: Database,
+    *,
+    since: datetime,
+    until: datetime,
+    bucket: timedelta,
+    group_by: Sequence[Literal["key_id", "model"]] = ("key_id", "model"),
+    route_prefix: str | None = "/v1/",
+) -> list[SeriesPoint]:
+    """Requests, errors and tokens in `[since, until)` per `bucket` of time and per group.
+
+    Buckets are aligned to the Unix epoch (hourly ones start on the hour, UTC); empty ones are
+    left out. Only routes starting with `route_prefix` count (by default the API's, not the
+    admin API's own calls). Sorted by bucket, then group.
+    """
+    groups = _groups(group_by)
+    seconds = int(bucket.total_seconds())
+    if seconds < 1 or seconds != bucket.total_seconds():
+        raise ValueError(f"a bucket is a whole number of seconds, not {bucket}")
+    conditions = [_AUDIT.c.ts >= as_utc(since), _AUDIT.c.ts < as_utc(until)]
+    if route_prefix is not None:
+        conditions.append(_AUDIT.c.route.startswith(route_prefix, autoescape=True))
+    # Grouping by the bucket of an inner select keeps PostgreSQL from seeing two different
+    # expressions (each with its own bound `seconds`) in SELECT and GROUP BY.
+    rows = (
+        select(
+            _bucket_start(db, seconds).label("bucket"),
+            *(_AUDIT.c[name] for name in groups),
+            _AUDIT.c.status,
+            _AUDIT.c.prompt_tokens,
+            _AUDIT.c.completion_tokens,
+        )
+        .where(*conditions)
+        .subquery()
+    )
+    columns = [rows.c.bucket, *(rows.c[name] for name in groups)]
+    stmt = select(
+        *columns,
+        func.count().label("requests"),
+        func.coalesce(func.sum(case((rows.c.status >= 400, 1), else_=0)), 0).label("errors"),
+        func.coalesce(func.sum(rows.c.prompt_tokens), 0).label("prompt_tokens"),
+        func.coalesce(func.sum(rows.c.completion_tokens), 0).label("completion_tokens"),
+    ).group_by(*columns)
+    async with db.engine.connect() as conn:
+        result = await conn.execute(stmt)
+        found = result.mappings().all()
+    points = []
+    for row in found:
+        p, c = int(row["prompt_tokens"]), int(row["completion_tokens"])
+        points.append(
+            SeriesPoint(
+                bucket=datetime.fromtimestamp(int(row["bucket"]), UTC),
+                key_id=row["key_id"] if "key_id" in groups else None,
+                model=row["model"] if "model" in groups else None,
+                requests=int(row["requests"]),
+                errors=int(row["errors"]),
+                prompt_tokens=p,
+                completion_tokens=c,
+                total_tokens=p + c,
+            )
+        )
+    points.sort(key=lambda p: (p.bucket, p.key_id or "", p.model or ""))
+    return points
+
+
+class ErrorRow(msgspec.Struct, frozen=True, kw_only=True):
+    """One request answered with status >= 400, as the audit log has it."""
+
+    ts: datetime
+    request_id: str
+    route: str
+    status: int
+    error_type: str | None
+    model: str | None
+    key_id: str | None
+    backend: str | None
+    latency_ms: float
+
+
+async def recent_errors(db: Database, *, limit: int) -> list[ErrorRow]:
+    """The latest `limit` requests answered with status >= 400, newest first."""
+    fields = list(ErrorRow.__struct_fields__)
+    stmt = (
+        select(*(_AUDIT.c[name] for name in fields))
+        .where(_AUDIT.c.status >= 400)
+        .order_by(_AUDIT.c.ts.desc(), _AUDIT.c.id.desc())
+        .limit(limit)
+    )
+    async with db.engine.connect() as conn:
+        result = await conn.execute(stmt)
+        found = result.mappings().all()
+    return [
+        ErrorRow(**{name: row[name] for name in fields if name != "ts"}, ts=as_utc(row["ts"]))
+        for row in found
+    ]

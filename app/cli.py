@@ -4,6 +4,7 @@ Examples:
     clawbot serve                       # clawbot.json in the current directory
     clawbot serve --config /etc/clawbot.json --port 9000
     clawbot check --config clawbot.json
+    clawbot backup --out backup.tar.gz
     clawbot db upgrade
     clawbot keys create --name ci-bot --rpm 60
     clawbot usage --since 7d
@@ -21,8 +22,9 @@ from collections.abc import Callable, Sequence
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from app import __version__
+from app import __version__, logs
 from app.cli_admin import add_commands as add_admin_commands
+from app.cli_ops import add_commands as add_ops_commands
 from app.config import (
     LOOPBACK_HOSTS,
     Config,
@@ -32,7 +34,7 @@ from app.config import (
     model_deployments,
 )
 from app.gateway import Gateway
-from app.monitor import check_deployment
+from app.tls import ssl_context_factory
 from app.workers import check_workers, supervise
 
 log = logging.getLogger("clawbot")
@@ -48,29 +50,22 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Nam
     serve_cmd.add_argument(
         "--workers", type=int, help="override model_server.workers (processes sharing the port)"
     )
-    check_cmd = sub.add_parser("check", help="validate the config and load every backend")
     db_cmd = sub.add_parser("db", help="database schema")
     db_cmd.add_argument("action", choices=["upgrade", "current"], help="migrate, or show")
-    for cmd in (serve_cmd, check_cmd, db_cmd):
+    for cmd in (serve_cmd, db_cmd):
         cmd.add_argument("--config", default="clawbot.json", help="path to clawbot.json")
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "serve": serve,
-        "check": check,
         "db": db_command,
         **add_admin_commands(sub),
+        **add_ops_commands(sub),
     }
     return parser, handlers
 
 
 def setup_logging(config: Config) -> None:
-    """Log at `logging.level` to `logging.path`, or to stderr when it is empty."""
-    handler: logging.Handler = (
-        logging.FileHandler(config.logging.path) if config.logging.path else logging.StreamHandler()
-    )
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(config.logging.level)
+    """Log at `logging.level` to `logging.path`, or to stderr when it is empty (`app.logs`)."""
+    logs.setup_logging(config)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -131,6 +126,7 @@ def serve(args: argparse.Namespace) -> int:
         )
     check_workers(config, workers)
     gateway = Gateway.from_config(config)  # a bad backend spec fails here, before binding
+    ssl_context_factory(config.model_server)  # and so does a bad TLS certificate or key
     sock = bind_socket(host, port)
     bound_port = sock.getsockname()[1]
 
@@ -138,62 +134,45 @@ def serve(args: argparse.Namespace) -> int:
         print(banner(config, host, bound_port), flush=True)
 
     if workers == 1:
-        return run_server(config, gateway, sock, announce)
+        return run_server(config, gateway, sock, announce, config_path=args.config)
     del gateway  # each worker builds its own after the fork
     return supervise(
         workers,
-        lambda ready: run_server(config, Gateway.from_config(config), sock, ready),
+        lambda ready: run_server(
+            config, Gateway.from_config(config), sock, ready, config_path=args.config
+        ),
         announce,
     )
 
 
 def run_server(
-    config: Config, gateway: Gateway, sock: socket.socket, on_ready: Callable[[], None]
+    config: Config,
+    gateway: Gateway,
+    sock: socket.socket,
+    on_ready: Callable[[], None],
+    *,
+    config_path: str | None = None,
 ) -> int:
-    """Serve `gateway` on the bound `sock` until SIGTERM/SIGINT; `on_ready` once it serves."""
+    """Serve `gateway` on the bound `sock` until SIGTERM/SIGINT; `on_ready` once it serves;
+    edits to `config_path` (and SIGHUP) are applied live."""
     import uvicorn
 
     from app.server import create_app
 
     server_config = uvicorn.Config(
-        create_app(gateway, on_ready=on_ready),
+        create_app(gateway, on_ready=on_ready, config_path=config_path),
         loop="auto",
         http="auto",
         lifespan="on",
         access_log=False,
         log_config=None,
         timeout_graceful_shutdown=30,
-        ssl_certfile=config.model_server.tls_cert or None,
-        ssl_keyfile=config.model_server.tls_key or None,
+        ssl_context_factory=ssl_context_factory(config.model_server),
+        proxy_headers=False,  # model_server.trusted_proxies decides, in app.edge
     )
     server = uvicorn.Server(server_config)
     server.run(sockets=[sock])
     return 0 if server.started else 1
-
-
-def check(args: argparse.Namespace) -> int:
-    """Validate the config and start every backend once."""
-    config = load_config(args.config)
-    gateway = Gateway.from_config(config)
-
-    async def probe() -> list[str]:
-        failures = []
-        try:
-            await gateway.start()
-            for served in gateway.models:
-                for d in served.pool.deployments:
-                    if not await check_deployment(served.pool, d, 10.0):
-                        failures.append(f"{served.config.id}/{d.name}: {d.check_error}")
-        finally:
-            await gateway.aclose()
-        return failures
-
-    failures = asyncio.run(probe())
-    for line in failures:
-        print(f"FAIL {line}", file=sys.stderr)
-    if not failures:
-        print(f"OK: {args.config} is valid; {len(config.models)} model(s) ready")
-    return 1 if failures else 0
 
 
 def db_command(args: argparse.Namespace) -> int:

@@ -360,7 +360,7 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
     except OSError as exc:
         raise ConfigError(f"cannot read config file {file}: {exc.strerror}") from exc
     config = parse_config(raw, source=str(file))
-    config = _anchor_sqlite_path(config, file.resolve().parent)
+    config = anchor_sqlite_path(config, file.resolve().parent)
     if config.logging.path and not Path(config.logging.path).is_absolute():
         path = str(file.resolve().parent / config.logging.path)
         config = msgspec.structs.replace(
@@ -381,7 +381,7 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
     return config
 
 
-def _anchor_sqlite_path(config: Config, folder: Path) -> Config:
+def anchor_sqlite_path(config: Config, folder: Path) -> Config:
     """A relative SQLite path means next to clawbot.json, not wherever the process started."""
     prefix, sep, path = config.database.url.partition(":///")
     if not sep or not prefix.startswith("sqlite") or not path or path.startswith("/"):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,8 @@ class RequestContext:
     """Tokens this request is expected to use, for token limits (0 until estimated)."""
     estimate_tokens: Callable[[], int] | None = None
     """Computes `token_estimate` on demand: tokenizing costs, so only limits that need it ask."""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    """The request's headers (lower-case names), for policies that read one (plugins)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -9,6 +9,7 @@ nothing healthy.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Generic, TypeVar
 
@@ -61,6 +62,32 @@ def _pool_failed(exc: GatewayError) -> bool:
     if isinstance(exc, ServiceUnavailable | UpstreamTimeout):
         return True
     return is_retryable(exc)
+
+
+class _Waited(Generic[X]):
+    """A backend's stream, adding the time spent waiting on each item to `upstream_s`."""
+
+    __slots__ = ("_exchange", "_items")
+
+    def __init__(self, items: AsyncIterator[X], exchange: Exchange) -> None:
+        self._items = items
+        self._exchange = exchange
+
+    def __aiter__(self) -> _Waited[X]:
+        return self
+
+    async def __anext__(self) -> X:
+        started = time.perf_counter()
+        try:
+            return await anext(self._items)
+        finally:
+            self._exchange.upstream_s += time.perf_counter() - started
+
+    async def aclose(self) -> None:
+        """Close the backend's stream."""
+        close = getattr(self._items, "aclose", None)
+        if close is not None:
+            await close()
 
 
 def _context_length(served: ServedModel) -> int | None:
@@ -154,10 +181,28 @@ class Dispatcher:
 
         return attempt
 
+    def _waited(self, run: Run[T]) -> Run[T]:
+        """`run`, adding the time spent waiting on the backend to `upstream_s`."""
+        exchange = self._exchange
+
+        async def waited(served: ServedModel, d: Deployment) -> T:
+            started = time.perf_counter()
+            try:
+                return await run(served, d)
+            finally:
+                exchange.upstream_s += time.perf_counter() - started
+
+        return waited
+
+    def _waited_stream(self, run: StreamRun[X]) -> StreamRun[X]:
+        exchange = self._exchange
+        return lambda served, d: _Waited(run(served, d), exchange)
+
     async def call(self, served: ServedModel, run: Run[T]) -> T:
         """Answer from `served`'s pool or a fallback's."""
         current = self.first(served)
         tried = {current.config.id}
+        run = self._waited(run)
         while True:
             try:
                 return await current.pool.call(self._tracked(current, run))
@@ -167,6 +212,7 @@ class Dispatcher:
     def stream(self, served: ServedModel, run: StreamRun[X]) -> AsyncIterator[X]:
         """Stream from `served`'s pool or, until the first item, a fallback's."""
         config = served.config
+        run = self._waited_stream(run)
         if not config.fallbacks and not config.context_window_fallbacks:
             return served.pool.stream(self._tracked(served, run))
         return self._stream_with_fallbacks(served, run)

@@ -6,6 +6,7 @@ GatewayError (500 internal_error)
 │   └── ContextLengthExceeded (400, code context_length_exceeded)
 ├── AuthenticationFailed (401 invalid_api_key)
 ├── PermissionDenied (403 permission_denied)
+│   └── IpNotAllowed (403, code ip_not_allowed)
 ├── NotFound (404 not_found)
 │   └── ModelNotFound (404 model_not_found)
 ├── PayloadTooLarge (413 request_too_large)
@@ -92,6 +93,12 @@ class PermissionDenied(GatewayError):
     status = 403
     type = "permission_error"
     default_code = "permission_denied"
+
+
+class IpNotAllowed(PermissionDenied):
+    """The client's address is outside the configured IP allowlist."""
+
+    default_code = "ip_not_allowed"
 
 
 class NotFound(GatewayError):

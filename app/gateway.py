@@ -15,22 +15,33 @@ from litestar import Request
 
 from app.accounting import Exchange, exchange_of
 from app.audit import AuditEntry, AuditWriter
-from app.config import Config, ConfigError, ModelConfig
+from app.config import Config, ConfigError, ModelConfig, model_deployments
 from app.context import RequestContext, credential_of
 from app.edge import request_id_of
 from app.errors import ModelNotFound
 from app.keys import KeyCache, KeyStore, TokenSigner, token_secret
+from app.logs import log_access
+from app.metrics import Metrics
 from app.monitor import HealthMonitor
 from app.pools import build_pool
 from app.ratelimit import Admission, Limits, RateLimiter
 from app.router_state import RouterState
 from app.routing import Pool
 from app.storage.database import Database
-from backends.base import Backend, BackendFactory, Capabilities, common_capabilities
+from backends.base import (
+    Backend,
+    BackendFactory,
+    BackendSpec,
+    Capabilities,
+    backend_scheme,
+    common_capabilities,
+)
 from policies.api_key import ApiKeyPolicy
 from policies.base import Policy
 from policies.budget import BudgetPolicy
+from policies.ip_allowlist import IpAllowlistPolicy
 from policies.model_access import ModelAccessPolicy
+from policies.plugins import load_plugin_policies
 from policies.rate_limit import RateLimitPolicy
 
 log = logging.getLogger("clawbot.gateway")
@@ -88,9 +99,16 @@ class Gateway:
     audit: AuditWriter | None
     policies: tuple[Policy, ...] = ()
     names: dict[str, ServedModel] = field(default_factory=dict)
+    carried: bool = False
+    """Built on reload from a running gateway, whose database, key cache and limiter it shares
+    (already started)."""
+    in_flight: int = 0
+    """HTTP requests being served by this gateway (counted by `app.reload.PinGateway`)."""
     monitor: HealthMonitor = field(init=False)
     router_state: RouterState | None = field(init=False, default=None)
     """Cooldowns and health shared with other replicas (Redis), if configured."""
+    metrics: Metrics | None = field(init=False, default=None)
+    """Prometheus metrics; set by `app.server.create_app` when `metrics.enabled`."""
 
     def __post_init__(self) -> None:
         for served in self.models:
@@ -114,40 +132,37 @@ class Gateway:
         *,
         factories: dict[str, BackendFactory] | None = None,
         extra_policies: Sequence[Policy] = (),
+        previous: Gateway | None = None,
     ) -> Gateway:
-        """Build backends (no weights loaded yet), storage and policies; ConfigError if invalid."""
-        timeout_s = config.model_server.timeout / 1000
-        created = int(time.time())
-        models = tuple(
-            ServedModel(
-                model,
-                build_pool(model, index=i, default_timeout_s=timeout_s, factories=factories),
-                created,
-            )
-            for i, model in enumerate(config.models)
-        )
-        db = Database(config.database.url)
-        keys = KeyStore(db)
+        """Build backends (no weights loaded yet), storage and policies; ConfigError if invalid.
+
+        With `previous` (a hot reload), its unchanged models keep their backends, and its
+        database, key cache, limiter and (settings unchanged) audit writer carry over.
+        """
+        models = _served_models(config, factories, previous)
+        db = previous.db if previous else Database(config.database.url)
+        keys = previous.keys if previous else KeyStore(db)
         gateway = cls(
             config=config,
             models=models,
             db=db,
             keys=keys,
-            key_cache=KeyCache(keys, poll_interval_s=config.auth.key_cache_poll_s),
+            key_cache=(
+                previous.key_cache
+                if previous
+                else KeyCache(keys, poll_interval_s=config.auth.key_cache_poll_s)
+            ),
             signer=TokenSigner(
                 token_secret(config.auth.api_key, config.auth.token_secret or None),
                 config.auth.token_ttl,
             ),
-            limiter=_limiter(config),
-            audit=(
-                AuditWriter(
-                    db, max_queue=config.audit.max_queue, batch_size=config.audit.batch_size
-                )
-                if config.audit.enabled
-                else None
-            ),
+            limiter=previous.limiter if previous else _limiter(config),
+            audit=_audit_writer(config, db, previous),
+            carried=previous is not None,
         )
         policies: list[Policy] = []
+        if config.policies.ip_allowlist.api:  # before authentication: 403, never 401
+            policies.append(IpAllowlistPolicy(config.policies.ip_allowlist.api))
         if config.auth.api_key:
             canonical = {name: served.config.id for name, served in gateway.names.items()}
             policies += [
@@ -155,19 +170,25 @@ class Gateway:
                 ModelAccessPolicy(canonical),
                 BudgetPolicy(),
             ]
+        # Plugins run before the rate limits: a request they refuse holds no slot, uses no quota.
+        policies += load_plugin_policies(config)
         policies.append(RateLimitPolicy(gateway.limiter, gateway.limits_for))
         policies.extend(extra_policies)
         gateway.policies = tuple(policies)
         return gateway
 
     async def start(self) -> None:
-        """Migrate the database, load keys, start the writer and every backend."""
-        await self.db.upgrade()
-        await self.key_cache.start()
-        await self.limiter.warm_up()
+        """Migrate the database, load keys, start the writer and every backend (on reload: only
+        the new backends, and the carried parts take the new settings)."""
+        if not self.carried:
+            await self.db.upgrade()
+            await self.key_cache.start()
+            await self.limiter.warm_up()
         if self.audit is not None:
             self.audit.start()
         for served in self.models:
+            if served.ready:  # kept from the running gateway
+                continue
             started = time.perf_counter()
             for deployment in served.pool.deployments:
                 await deployment.backend.start()
@@ -179,6 +200,10 @@ class Gateway:
                 ", ".join(d.label for d in served.pool.deployments),
                 time.perf_counter() - started,
             )
+        if self.carried:
+            self.key_cache.poll_interval_s = self.config.auth.key_cache_poll_s
+            self.limiter.on_storage_error = self.config.rate_limits.on_storage_error
+            self.limiter.timeout = self.config.rate_limits.timeout_s
         self.monitor.start()
         if self.router_state is not None:
             self.router_state.start()
@@ -199,6 +224,32 @@ class Gateway:
         await self.db.aclose()
         for served in self.models:
             served.ready = False
+        for result in results:
+            if isinstance(result, BaseException):
+                log.warning("closing failed: %r", result)
+
+    async def close_replaced(self, successor: Gateway) -> None:
+        """Close what this gateway holds and `successor` does not share: the old gateway's own
+        parts once its requests are done, or a new one's after its start failed."""
+        await self.monitor.aclose()
+        if self.router_state is not None and self.router_state is not successor.router_state:
+            await self.router_state.aclose()
+        if self.audit is not None and self.audit is not successor.audit:
+            await self.audit.aclose()
+        kept_models = {id(served) for served in successor.models}
+        kept = {id(backend) for served in successor.models for backend in served.backends}
+        closing = [b for served in self.models for b in served.backends if id(b) not in kept]
+        results = await asyncio.gather(
+            *(backend.aclose() for backend in closing),
+            *([] if self.key_cache is successor.key_cache else [self.key_cache.aclose()]),
+            *([] if self.limiter is successor.limiter else [self.limiter.aclose()]),
+            return_exceptions=True,
+        )
+        if self.db is not successor.db:
+            await self.db.aclose()
+        for served in self.models:
+            if id(served) not in kept_models:
+                served.ready = False
         for result in results:
             if isinstance(result, BaseException):
                 log.warning("closing failed: %r", result)
@@ -270,6 +321,7 @@ class Gateway:
             client_ip=client.host if client else "",
             route=request.scope["path"],
             credential=credential_of(request.headers),
+            headers=request.headers,
             model=served.config.id if served else model,
             estimate_tokens=estimate,
         )
@@ -287,12 +339,17 @@ class Gateway:
         return ctx, served
 
     async def finish(self, exchange: Exchange) -> None:
-        """After the answer: settle rate limits with real usage, then queue the audit row."""
+        """After the answer: settle rate limits with real usage, write the access line, then
+        queue the audit row."""
         for callback in exchange.on_finish:
             try:
                 await callback(exchange)
             except Exception:
                 log.exception("finishing request %s failed", exchange.request_id)
+        if self.metrics is not None:
+            self.metrics.observe(exchange)
+        if self.config.logging.access_log:
+            log_access(exchange)
         if self.audit is None or not exchange.audited:
             return
         ctx = exchange.ctx
@@ -317,6 +374,65 @@ class Gateway:
                 response_body=_text(exchange.response_body) if bodies else None,
             )
         )
+
+
+def _served_models(
+    config: Config, factories: dict[str, BackendFactory] | None, previous: Gateway | None
+) -> tuple[ServedModel, ...]:
+    """Each configured model and its pool. On reload, a model whose backends' settings are
+    unchanged keeps its (started) backends, and its whole pool, breakers included, when its
+    routing and deployments are unchanged too; any other change builds new backends."""
+    timeout_s = config.model_server.timeout / 1000
+    created = int(time.time())
+    running: dict[str, ServedModel] = {}
+    if previous is not None and previous.config.model_server.timeout == config.model_server.timeout:
+        running = {served.config.id: served for served in previous.models}
+    models = []
+    for i, model in enumerate(config.models):
+        old = running.get(model.id)
+        if old is None or _backend_settings(old.config) != _backend_settings(model):
+            pool = build_pool(model, index=i, default_timeout_s=timeout_s, factories=factories)
+            models.append(ServedModel(model, pool, created))
+        elif old.config == model:
+            models.append(old)
+        elif (old.config.routing, old.config.deployments) == (model.routing, model.deployments):
+            models.append(ServedModel(model, old.pool, old.created, ready=old.ready))
+        else:
+            reuse = _handing_over(old.backends, model)
+            pool = build_pool(model, index=i, default_timeout_s=timeout_s, factories=reuse)
+            models.append(ServedModel(model, pool, old.created, ready=old.ready))
+    return tuple(models)
+
+
+def _backend_settings(model: ModelConfig) -> tuple[Any, ...]:
+    """What a model's backends are built from; the rest of its config is read per request."""
+    deployments = tuple(
+        (d.backend, d.upstream_model, d.api_key, d.api_key_env, d.timeouts, d.options)
+        for d in model_deployments(model)
+    )
+    return (model.options, model.context_length, deployments)
+
+
+def _handing_over(backends: Sequence[Backend], model: ModelConfig) -> dict[str, BackendFactory]:
+    """Factories that give `build_pool` these running backends, in deployment order."""
+    queue = iter(backends)
+
+    def take(spec: BackendSpec) -> Backend:
+        return next(queue)
+
+    return {backend_scheme(d.backend): take for d in model_deployments(model)}
+
+
+def _audit_writer(config: Config, db: Database, previous: Gateway | None) -> AuditWriter | None:
+    """The audit writer; a reload keeps the running one unless its settings changed."""
+    settings = config.audit
+    if not settings.enabled:
+        return None
+    if previous is not None and previous.audit is not None:
+        running = previous.config.audit
+        if (running.max_queue, running.batch_size) == (settings.max_queue, settings.batch_size):
+            return previous.audit
+    return AuditWriter(db, max_queue=settings.max_queue, batch_size=settings.batch_size)
 
 
 def _limiter(config: Config) -> RateLimiter:

@@ -31,7 +31,9 @@ def strategy(name: str) -> Strategy:
     return PriorityFailover()
 
 
-def _options(model: ModelConfig, dep: DeploymentConfig, where: str) -> dict[str, Any]:
+def deployment_options(
+    model: ModelConfig, dep: DeploymentConfig, where: str = "deployment"
+) -> dict[str, Any]:
     """The backend options of one deployment: the model's, the deployment's, then its sugar."""
     options = {**model.options, **dep.options}
     remote = {
@@ -63,7 +65,10 @@ def build_pool(
         where = f"models[{index}]" if not model.deployments else f"models[{index}].deployments[{j}]"
         total_s = dep.timeouts.total_s or default_timeout_s
         spec_model = msgspec.structs.replace(
-            model, backend=dep.backend, deployments=(), options=_options(model, dep, where)
+            model,
+            backend=dep.backend,
+            deployments=(),
+            options=deployment_options(model, dep, where),
         )
         backend = build_backend(spec_model, timeout_s=total_s, factories=factories, where=where)
         deployments.append(

@@ -3,43 +3,58 @@
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.di import Provide
+from litestar.types import Scope
 
 from app import (
     admin,
+    admin_ui,
     chat,
     completions,
     embeddings,
     fim,
     health,
     messages_api,
+    metrics,
     models,
+    reload,
     rerank,
     responses_api,
 )
 from app.accounting import Accounting
 from app.edge import Edge
 from app.gateway import Gateway
+from app.reload import PinGateway, Reloader, gateway_of
 from app.wire_errors import error_response
 
 
-def _gateway(state: State) -> Gateway:
-    gateway: Gateway = state.gateway
-    return gateway
+def _gateway(state: State, scope: Scope) -> Gateway:
+    """The gateway this request is pinned to (see `app.reload`), else the current one."""
+    reloader: Reloader = state.reloader
+    return gateway_of(scope) or reloader.current
 
 
-def build_litestar(gateway: Gateway, on_ready: Callable[[], None] | None = None) -> Litestar:
-    """The Litestar app serving `gateway`; starting it loads the models, then calls `on_ready`."""
+def build_litestar(
+    gateway: Gateway,
+    on_ready: Callable[[], None] | None = None,
+    reloader: Reloader | None = None,
+) -> Litestar:
+    """The Litestar app serving `gateway` (through `reloader`, which may replace it); starting
+    it loads the models, then calls `on_ready`."""
+    reloader = reloader or Reloader(gateway)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         try:
-            await gateway.start()
+            await reloader.start()
+            if gateway.metrics is not None:
+                gateway.metrics.start()
             # Start-up objects (models, config, routes) live forever; keeping them out of the
             # collector's generations shortens GC pauses on the request path.
             gc.freeze()
@@ -47,7 +62,9 @@ def build_litestar(gateway: Gateway, on_ready: Callable[[], None] | None = None)
                 on_ready()
             yield
         finally:
-            await gateway.aclose()
+            if gateway.metrics is not None:
+                await gateway.metrics.aclose()
+            await reloader.aclose()
 
     return Litestar(
         route_handlers=[
@@ -63,6 +80,7 @@ def build_litestar(gateway: Gateway, on_ready: Callable[[], None] | None = None)
             models.retrieve_model,
             health.health,
             health.ready,
+            metrics.metrics_endpoint,
             admin.create_key,
             admin.list_keys,
             admin.get_key,
@@ -70,13 +88,17 @@ def build_litestar(gateway: Gateway, on_ready: Callable[[], None] | None = None)
             admin.revoke_key,
             admin.rotate_key,
             admin.usage,
+            admin.usage_by_bucket,
+            admin.list_errors,
             admin.backends,
             admin.issue_token,
+            reload.reload_config,
+            *admin_ui.routes(),
         ],
         dependencies={"gateway": Provide(_gateway, sync_to_thread=False)},
         exception_handlers={Exception: error_response},
         lifespan=[lifespan],
-        state=State({"gateway": gateway}),
+        state=State({"gateway": gateway, "reloader": reloader}),
         request_max_body_size=gateway.config.model_server.max_body_bytes,
         openapi_config=None,
         logging_config=None,
@@ -84,7 +106,35 @@ def build_litestar(gateway: Gateway, on_ready: Callable[[], None] | None = None)
     )
 
 
-def create_app(gateway: Gateway, on_ready: Callable[[], None] | None = None) -> Edge:
-    """The full ASGI app for `gateway`: edge, then accounting, then the routes."""
-    routes = build_litestar(gateway, on_ready)
-    return Edge(Accounting(routes, gateway.finish, keep_bodies=gateway.config.audit.bodies))
+def create_app(
+    gateway: Gateway,
+    on_ready: Callable[[], None] | None = None,
+    *,
+    config_path: str | os.PathLike[str] | None = None,
+) -> Edge:
+    """The full ASGI app for `gateway`: edge, accounting, the request's gateway, the routes.
+
+    With `config_path`, edits to that file (and SIGHUP) are applied live: `app.reload`.
+    """
+    reloader = Reloader(gateway, config_path)
+    routes = build_litestar(gateway, on_ready, reloader)
+    config = gateway.config
+    accounting = Accounting(
+        PinGateway(routes, reloader), reloader.finish, keep_bodies=config.audit.bodies
+    )
+    if config.metrics.enabled:
+        gateway.metrics = metrics.Metrics(gateway, in_flight=lambda: accounting.in_flight)
+
+    def swapped(old: Gateway, new: Gateway) -> None:
+        routes.state.gateway = new
+        accounting.keep_bodies = new.config.audit.bodies
+        new.metrics = old.metrics
+        if new.metrics is not None:
+            new.metrics.bind(new)
+
+    reloader.on_swap.append(swapped)
+    return Edge(
+        accounting,
+        trusted_proxies=config.model_server.trusted_proxies,
+        admin_allowlist=config.policies.ip_allowlist.admin,
+    )

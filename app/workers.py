@@ -18,6 +18,7 @@ import importlib
 import logging
 import os
 import select
+import shutil
 import signal
 import sys
 import tempfile
@@ -65,10 +66,14 @@ def check_workers(config: Config, workers: int) -> None:
         )
 
 
-def _metrics_dir() -> None:
-    """Workers' metrics are aggregated through files (prometheus-client multiprocess mode)."""
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="clawbot-metrics-")
+def _metrics_dir() -> str | None:
+    """Workers' metrics are aggregated through files (prometheus-client multiprocess mode);
+    returns the folder if it was made here (and is to be removed at the end)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None
+    folder = tempfile.mkdtemp(prefix="clawbot-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    return folder
 
 
 def _process_dead(pid: int) -> None:
@@ -177,5 +182,9 @@ class Supervisor:
 
 def supervise(workers: int, main: WorkerMain, announce: Callable[[], None]) -> int:
     """Run `main` in `workers` forked processes; see the module docstring."""
-    _metrics_dir()
-    return Supervisor(workers, main).run(announce)
+    made = _metrics_dir()
+    try:
+        return Supervisor(workers, main).run(announce)
+    finally:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Protocol, runtime_checkable
 
 from app.config import ConfigError, ModelConfig
@@ -111,11 +111,66 @@ def _builtin_factories() -> dict[str, BackendFactory]:
     }
 
 
+BACKEND_PLUGIN_GROUP = "clawbot.backends"
+
+
+class PluginBackendFactory:
+    """A `clawbot.backends` entry point, imported when a model first uses its scheme.
+
+    The entry point is a `BackendFactory`: called with the BackendSpec, it returns a Backend or
+    raises ConfigError. Any other failure, or a result lacking Backend's methods, becomes a
+    ConfigError naming the plugin, so a broken plugin fails start-up only where it is used.
+    """
+
+    def __init__(self, ep: EntryPoint) -> None:
+        self.ep = ep
+
+    def __call__(self, spec: BackendSpec) -> Backend:
+        """Build the plugin's backend for `spec`."""
+        dist = self.ep.dist
+        origin = f" from {dist.name} {dist.version}" if dist is not None else ""
+        where = f"backend plugin {self.ep.name!r} ({self.ep.value}{origin})"
+        try:
+            factory = self.ep.load()
+        except Exception as exc:
+            raise ConfigError(f"{where} failed to load: {type(exc).__name__}: {exc}") from exc
+        try:
+            backend = factory(spec)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"{where} failed to start: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(backend, Backend):
+            missing = ", ".join(a for a in _BACKEND_ATTRS if not hasattr(backend, a))
+            raise ConfigError(
+                f"{where} returned a {type(backend).__name__}, which lacks the Backend "
+                f"members {missing}"
+            )
+        return backend
+
+
+_BACKEND_ATTRS = (
+    "capabilities",
+    "start",
+    "chat",
+    "stream_chat",
+    "complete",
+    "stream_complete",
+    "embed",
+    "health",
+    "aclose",
+)
+
+
 def backend_factories() -> dict[str, BackendFactory]:
-    """Built-in backends plus those registered under the `clawbot.backends` entry points."""
+    """Built-in backends plus those registered under the `clawbot.backends` entry points.
+
+    A plugin's entry point name is its scheme (`myscheme:` in a model's `backend`); the
+    built-in schemes cannot be taken over, and of two plugins with one name the first wins.
+    """
     factories = _builtin_factories()
-    for ep in entry_points(group="clawbot.backends"):
-        factories.setdefault(ep.name, ep.load())
+    for ep in entry_points(group=BACKEND_PLUGIN_GROUP):
+        factories.setdefault(ep.name, PluginBackendFactory(ep))
     return factories
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,23 @@ async def away_from_minute_boundary(margin_s: float = 5.0) -> None:
     into = time.time() % 60
     if into > 60 - margin_s:
         await asyncio.sleep(60 - into + 0.05)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_process_state() -> Iterator[None]:
+    """Tests that run the CLI in-process set up logging (and may set multiprocess metrics);
+    what they leave behind must not reach the next test: a handler on a closed capture
+    stream, or aggregation over another test's metric files."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    if metrics_dir is None:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    else:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
 
 
 @pytest.fixture

@@ -29,7 +29,8 @@ from app.config import ConfigError
 log = logging.getLogger("clawbot.db")
 
 
-def _alembic_config(connection: Connection | None = None) -> AlembicConfig:
+def alembic_config(connection: Connection | None = None) -> AlembicConfig:
+    """Alembic's config for the packaged migrations (on `connection`, when given)."""
     config = AlembicConfig()
     config.set_main_option("script_location", str(files("migrations")))
     if connection is not None:
@@ -39,7 +40,7 @@ def _alembic_config(connection: Connection | None = None) -> AlembicConfig:
 
 def head_revision() -> str:
     """The newest migration shipped with this version."""
-    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None
     return head
 
@@ -51,7 +52,7 @@ def _upgrade(connection: Connection) -> str | None:
     if connection.dialect.name == "postgresql":
         # Held until this transaction commits; the others then find the schema up to date.
         connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
-    command.upgrade(_alembic_config(connection), "head")
+    command.upgrade(alembic_config(connection), "head")
     return MigrationContext.configure(connection).get_current_revision()
 
 

@@ -286,7 +286,7 @@ async def test_redis_down_fail_open_and_closed(tmp_path: Path) -> None:
 async def test_keys_never_reach_logs(tmp_path: Path) -> None:
     config = {
         "auth": {"api_key": MASTER_KEY},
-        "logging": {"level": "DEBUG"},
+        "logging": {"level": "DEBUG", "format": "text"},
         "models": [mock_model()],
     }
     with serve(config, tmp_path) as server:
