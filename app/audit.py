@@ -424,19 +424,11 @@ async def usage_summary(
     return summary
 
 
-class SeriesPoint(msgspec.Struct, frozen=True, kw_only=True):
+class SeriesPoint(UsageRow, frozen=True, kw_only=True):
     """Requests and tokens of one group in one time bucket (a field not grouped by is None)."""
 
     bucket: datetime
     """The bucket's start, in UTC."""
-    key_id: str | None = None
-    model: str | None = None
-    requests: int
-    errors: int
-    """Answers with status >= 400."""
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
 
 
 def _bucket_start(db: Database, seconds: int) -> ColumnElement[int]:
