@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from litestar.types import ASGIApp, Message, Receive, ReceiveMessage, Scope, Send
 
-from app.edge import request_id_of
+from app.edge import refuse, request_id_of
 from app.logs import REQUEST_ID
 
 if TYPE_CHECKING:
@@ -115,6 +115,9 @@ def _capturing(receive: Receive, exchange: Exchange) -> Receive:
 class Accounting:
     """ASGI middleware: opens an `Exchange` per HTTP request and finishes it after the answer."""
 
+    answers_refusals = True
+    """`Edge` leaves its refusals (admin allowlist) to this, so they are audited too."""
+
     def __init__(self, app: ASGIApp, finish: Finisher, *, keep_bodies: bool = False) -> None:
         self.app = app
         self.finish = finish
@@ -163,7 +166,11 @@ class Accounting:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_and_observe)
+            refusal = state.get("refusal")
+            if refusal is None:
+                await self.app(scope, receive, send_and_observe)
+            else:
+                exchange.error_type = await refuse(refusal, send_and_observe)
         finally:
             if exchange.finished_at is None:
                 exchange.finished_at = time.perf_counter()

@@ -138,15 +138,19 @@ class Edge:
             client = scope.get("client")
             host = client[0] if client else ""
             if not self._admin.permits(host):
-                # Answered before `Accounting`: no audit row or access line, so say it here.
-                log.info(
-                    "refused %s from %s: not in policies.ip_allowlist.admin",
-                    path,
-                    host,
-                    extra={"request_id": rid},
-                )
-                await _refuse(self._admin.refusal(host), send_with_id)
-                return
+                refusal = self._admin.refusal(host)
+                if getattr(self.app, "answers_refusals", False):
+                    # `Accounting` answers it, so it gets its audit row and access line.
+                    state["refusal"] = refusal
+                else:
+                    log.info(
+                        "refused %s from %s: not in policies.ip_allowlist.admin",
+                        path,
+                        host,
+                        extra={"request_id": rid},
+                    )
+                    await refuse(refusal, send_with_id)
+                    return
         await self.app(scope, receive, send_with_id)
 
     @staticmethod
@@ -162,8 +166,9 @@ class Edge:
             scope["client"] = (host, 0)
 
 
-async def _refuse(exc: Exception, send: Send) -> None:
-    """Answer before routing, with the JSON the exception handler would have sent."""
+async def refuse(exc: Exception, send: Send) -> str:
+    """Answer before routing, with the JSON the exception handler would have sent; returns
+    the error's code (what the audit log calls it)."""
     from app.wire_errors import translate  # wire_errors imports this module
 
     wire = translate(exc)
@@ -175,3 +180,4 @@ async def _refuse(exc: Exception, send: Send) -> None:
     ]
     await send({"type": "http.response.start", "status": wire.status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+    return wire.body.error.code or wire.body.error.type

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -10,7 +13,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from app.config import Config, IpAllowlist, PolicySettings
+from app.config import Config, DatabaseSettings, IpAllowlist, PolicySettings
 from app.context import RequestContext
 from app.errors import IpNotAllowed, PermissionDenied
 from app.gateway import Gateway
@@ -167,6 +170,29 @@ async def test_admin_from_outside_is_403_before_the_master_key_check(
     app.host = "10.1.2.3"  # allowed on the API, not on /admin
     assert_ip_refused(await client.get(path))
     assert_ip_refused(await client.get(path, headers=AUTH))
+
+
+async def test_admin_refusals_are_audited_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = allowlisted(admin=("192.168.5.0/24",))
+    database = tmp_path / "audit.db"
+    config = msgspec.structs.replace(
+        config, database=DatabaseSettings(url=f"sqlite+aiosqlite:///{database}")
+    )
+    app = Peer(create_app(Gateway.from_config(config)), host="10.9.9.9")
+    async with AsyncTestClient(app=app) as client:  # type: ignore[arg-type]
+        with caplog.at_level(logging.INFO, logger="clawbot.access"):
+            r = await client.get("/admin/keys", headers=AUTH)
+        assert_ip_refused(r)
+    rid = r.headers["x-request-id"]
+    access = [rec.getMessage() for rec in caplog.records if rec.name == "clawbot.access"]
+    assert [line.split()[:3] for line in access] == [["GET", "/admin/keys", "403"]]
+    with sqlite3.connect(database) as db:  # the writer flushed when the app stopped
+        rows = db.execute(
+            "SELECT status, error_type, client_ip FROM audit_log WHERE request_id = ?", (rid,)
+        ).fetchall()
+    assert rows == [(403, "ip_not_allowed", "10.9.9.9")]
 
 
 async def test_admin_from_an_allowed_address(peer: tuple[Peer, AsyncTestClient[Any]]) -> None:
