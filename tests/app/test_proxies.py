@@ -201,5 +201,5 @@ def test_real_server_behind_a_trusted_proxy(tmp_path: Path) -> None:
         assert admin.status_code == 401  # past the allowlist: now the master key
         assert client.get(f"{server.root}/admin/keys").status_code == 403
         assert client.get(f"{server.root}/health").status_code == 200
-    # The refusals at /admin are answered before the audit log (and /health is not audited).
-    assert audited_addresses(tmp_path) == ["203.0.113.9", "127.0.0.1", "198.51.100.7"]
+    # Every answer is audited, the admin allowlist's refusal included (/health is not).
+    assert audited_addresses(tmp_path) == ["203.0.113.9", "127.0.0.1", "198.51.100.7", "127.0.0.1"]
