@@ -409,19 +409,22 @@ async def usage_summary(
     for row in rows:
         if not row["requests"]:
             continue  # the one row an ungrouped aggregate returns over no rows
-        p, c = int(row["prompt_tokens"]), int(row["completion_tokens"])
-        summary.append(
-            UsageRow(
-                key_id=row["key_id"] if "key_id" in groups else None,
-                model=row["model"] if "model" in groups else None,
-                requests=int(row["requests"]),
-                errors=int(row["errors"]),
-                prompt_tokens=p,
-                completion_tokens=c,
-                total_tokens=p + c,
-            )
-        )
+        summary.append(UsageRow(**_usage_fields(row, groups)))
     return summary
+
+
+def _usage_fields(row: Any, groups: Sequence[str]) -> dict[str, Any]:
+    """A usage query row's fields, as `UsageRow` (and `SeriesPoint`) take them."""
+    p, c = int(row["prompt_tokens"]), int(row["completion_tokens"])
+    return {
+        "key_id": row["key_id"] if "key_id" in groups else None,
+        "model": row["model"] if "model" in groups else None,
+        "requests": int(row["requests"]),
+        "errors": int(row["errors"]),
+        "prompt_tokens": p,
+        "completion_tokens": c,
+        "total_tokens": p + c,
+    }
 
 
 class SeriesPoint(UsageRow, frozen=True, kw_only=True):
@@ -487,19 +490,8 @@ async def usage_series(
         found = result.mappings().all()
     points = []
     for row in found:
-        p, c = int(row["prompt_tokens"]), int(row["completion_tokens"])
-        points.append(
-            SeriesPoint(
-                bucket=datetime.fromtimestamp(int(row["bucket"]), UTC),
-                key_id=row["key_id"] if "key_id" in groups else None,
-                model=row["model"] if "model" in groups else None,
-                requests=int(row["requests"]),
-                errors=int(row["errors"]),
-                prompt_tokens=p,
-                completion_tokens=c,
-                total_tokens=p + c,
-            )
-        )
+        start = datetime.fromtimestamp(int(row["bucket"]), UTC)
+        points.append(SeriesPoint(bucket=start, **_usage_fields(row, groups)))
     points.sort(key=lambda p: (p.bucket, p.key_id or "", p.model or ""))
     return points
 

@@ -548,11 +548,14 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
-async def _tcp_connects(host: str, port: int, timeout_s: float) -> bool:
+async def _tcp_connects(
+    host: str, port: int, timeout_s: float, tls: ssl.SSLContext | None = None
+) -> bool:
+    """Whether a connection (with `tls`, its handshake too) to host:port succeeds."""
     try:
         async with asyncio.timeout(timeout_s):
-            _, writer = await asyncio.open_connection(host, port)
-    except (OSError, TimeoutError):
+            _, writer = await asyncio.open_connection(host, port, ssl=tls)
+    except (OSError, TimeoutError):  # ssl.SSLError is an OSError
         return False
     writer.close()
     with contextlib.suppress(OSError):
@@ -565,15 +568,7 @@ async def _speaks_tls(host: str, port: int, timeout_s: float) -> bool:
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    try:
-        async with asyncio.timeout(timeout_s):
-            _, writer = await asyncio.open_connection(host, port, ssl=context)
-    except (OSError, TimeoutError):  # ssl.SSLError is an OSError
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
+    return await _tcp_connects(host, port, timeout_s, context)
 
 
 async def _speaks_plain_http(host: str, port: int, timeout_s: float) -> bool:

@@ -48,6 +48,7 @@ from backends.common import new_id, read_options
 from backends.http_transport import PooledTransport
 
 T = TypeVar("T", ChatCompletion, Completion, EmbeddingList, ChatCompletionChunk)
+A = TypeVar("A")
 
 
 class HTTPOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -251,19 +252,23 @@ class OpenAIHTTPBackend:
         return msgspec.json.encode(msgspec.structs.replace(req, **changes))
 
     async def _post(self, path: str, req: msgspec.Struct, type_: type[T]) -> T:
+        result = await self._answer(path, self._body(req, stream=False), type_)
+        result.model = self.public_model
+        return result
+
+    async def _answer(self, path: str, content: bytes, type_: type[A]) -> A:
+        """POST `content` to `path` upstream and decode the answer; upstream errors mapped."""
         with map_httpx_errors(self.base_url):
             async with asyncio.timeout(self.timeout_s):
-                response = await self._client.post(path, content=self._body(req, stream=False))
+                response = await self._client.post(path, content=content)
         if response.status_code >= 400:
             raise status_error(response.status_code, response.content, response.headers)
         try:
-            result = msgspec.json.decode(response.content, type=type_)
+            return msgspec.json.decode(response.content, type=type_)
         except msgspec.MsgspecError as exc:
             raise UpstreamError(
                 f"upstream {self.base_url}{path} returned an invalid response: {exc}"
             ) from exc
-        result.model = self.public_model
-        return result
 
     async def _stream(
         self, path: str, req: msgspec.Struct, chunk_type: type[T]
@@ -331,17 +336,7 @@ class OpenAIHTTPBackend:
         body = msgspec.structs.replace(
             req, model=self.upstream_model, documents=req.texts(), return_documents=None, top_k=None
         )
-        with map_httpx_errors(self.base_url):
-            async with asyncio.timeout(self.timeout_s):
-                response = await self._client.post("/rerank", content=msgspec.json.encode(body))
-        if response.status_code >= 400:
-            raise status_error(response.status_code, response.content, response.headers)
-        try:
-            answer = msgspec.json.decode(response.content, type=_UpstreamRerank)
-        except msgspec.MsgspecError as exc:
-            raise UpstreamError(
-                f"upstream {self.base_url}/rerank returned an invalid response: {exc}"
-            ) from exc
+        answer = await self._answer("/rerank", msgspec.json.encode(body), _UpstreamRerank)
         scored = answer.results if answer.results is not None else answer.data
         if scored is None:
             raise UpstreamError(
