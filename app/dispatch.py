@@ -90,16 +90,6 @@ class _Waited(Generic[X]):
             await close()
 
 
-def _context_length(served: ServedModel) -> int | None:
-    if served.config.context_length:
-        return served.config.context_length
-    for backend in served.backends:
-        length = getattr(backend, "context_length", None)
-        if isinstance(length, int) and length > 0:
-            return length
-    return None
-
-
 class Dispatcher:
     """Routes one request: its model first, then that model's fallbacks, each at most once."""
 
@@ -121,13 +111,13 @@ class Dispatcher:
         fallbacks = served.config.context_window_fallbacks
         if not fallbacks:
             return served
-        length = _context_length(served)
+        length = served.context_length
         estimate = self._estimate() if length else None
         if length is None or estimate is None or estimate <= length:
             return served
         for name in fallbacks:
             other = self._gateway.resolve(name)
-            other_length = _context_length(other)
+            other_length = other.context_length
             if other_length is None or estimate <= other_length:
                 log.info(
                     "request %s: ~%d tokens exceed %s's window (%d); sent to %s",

@@ -73,6 +73,18 @@ class ServedModel:
         """Every deployment's backend."""
         return [d.backend for d in self.pool.deployments]
 
+    @property
+    def context_length(self) -> int | None:
+        """The configured window, else the first a deployment reports (an in-process model
+        knows its own once loaded); None when nobody says."""
+        if self.config.context_length:
+            return self.config.context_length
+        for backend in self.backends:
+            length = getattr(backend, "context_length", None)
+            if isinstance(length, int) and length > 0:
+                return length
+        return None
+
 
 def _limits(
     requests_per_minute: int | None,

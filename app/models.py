@@ -15,16 +15,13 @@ from app.responses import json_response
 
 def model_object(served: ServedModel) -> Model:
     """The OpenAI Model object of a served model, with its context length and capabilities."""
-    context = served.config.context_length or next(
-        (n for b in served.backends if isinstance(n := getattr(b, "context_length", None), int)),
-        None,
-    )
+    context = served.context_length
     caps = served.capabilities
     return Model(
         id=served.config.id,
         created=served.created,
         owned_by=served.config.owned_by,
-        context_length=context if isinstance(context, int) else UNSET,
+        context_length=UNSET if context is None else context,
         capabilities=ModelCapabilities(
             chat=caps.chat,
             completions=caps.completions,
