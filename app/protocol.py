@@ -209,6 +209,16 @@ class CompletionRequest(Struct, kw_only=True, omit_defaults=True):
     min_p: Probability | None = None
     repeat_penalty: Annotated[float, Meta(ge=0.0)] | None = None
 
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each completed on its own: a string, or a list of token ids (a flat
+        list of ids is one prompt)."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if prompt and all(isinstance(t, int) for t in prompt):
+            return [list(prompt)]
+        return list(prompt)
+
 
 class EmbeddingRequest(Struct, kw_only=True, omit_defaults=True):
     """POST /v1/embeddings."""

@@ -48,9 +48,7 @@ def estimate_chat(req: ChatCompletionRequest) -> int:
 
 def estimate_completion(req: CompletionRequest) -> int:
     """Prompt tokens of every prompt plus each one's completion cap (16 by default)."""
-    prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
-    if prompts and all(isinstance(p, int) for p in prompts):
-        prompts = [prompts]
+    prompts = req.prompts()
     prompt = sum(count_tokens(p) if isinstance(p, str) else len(p) for p in prompts)
     return prompt + len(prompts) * (req.max_tokens if req.max_tokens is not None else 16)
 

@@ -604,19 +604,10 @@ class LlamaCppBackend:
 
         return [*head, pre, *tokens(prefix), suf, *tokens(suffix), mid]
 
-    @staticmethod
-    def _prompts(req: CompletionRequest) -> list[str | list[int]]:
-        prompt = req.prompt
-        if isinstance(prompt, str):
-            return [prompt]
-        if prompt and all(isinstance(t, int) for t in prompt):
-            return [list(prompt)]
-        return list(prompt)
-
     async def complete(self, req: CompletionRequest) -> Completion:
         """Complete each prompt in turn; a choice per prompt."""
         choices, prompt_tokens, completion_tokens = [], 0, 0
-        for index, prompt in enumerate(self._prompts(req)):
+        for index, prompt in enumerate(req.prompts()):
             text: list[str] = []
             entries: list[TokenLogprob] = []
             finish: Literal["stop", "length"] = "stop"
@@ -648,7 +639,7 @@ class LlamaCppBackend:
     async def stream_complete(self, req: CompletionRequest) -> AsyncIterator[StreamItem]:
         """Stream the completion of a single prompt."""
         events = CompletionEvents(self.model_id)
-        work = self._completion_work(req, self._prompts(req)[0])
+        work = self._completion_work(req, req.prompts()[0])
         async with aclosing(self._run(work)) as items:
             async for item in items:
                 if isinstance(item, _Piece):
