@@ -173,6 +173,15 @@ class ReloadSettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     """How often the file's modification time is checked."""
 
 
+class MemorySettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """RAM for in-process models (per process)."""
+
+    budget_mb: PositiveInt | None = None
+    """Estimated RAM the loaded in-process models may use together: models then load on their
+    first request and the least recently used idle one is unloaded to make room. Unset: no
+    limit, every model loads at start."""
+
+
 class SamplingDefaults(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Per-model defaults applied where a request leaves a parameter unset."""
 
@@ -308,6 +317,8 @@ class Config(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Prometheus metrics."""
     reload: ReloadSettings = ReloadSettings()
     """Hot reload."""
+    memory: MemorySettings = MemorySettings()
+    """RAM budget of in-process models."""
     models: tuple[ModelConfig, ...] = ()
     """Served models; at least one."""
 

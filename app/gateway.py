@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -33,9 +34,12 @@ from backends.base import (
     BackendFactory,
     BackendSpec,
     Capabilities,
+    backend_factories,
     backend_scheme,
     common_capabilities,
 )
+from backends.llamacpp import LlamaCppBackend
+from backends.memory import MemoryBudget
 from policies.api_key import ApiKeyPolicy
 from policies.base import Policy
 from policies.budget import BudgetPolicy
@@ -85,6 +89,13 @@ class ServedModel:
                 return length
         return None
 
+    @property
+    def loaded(self) -> bool | None:
+        """Whether an in-process deployment has its weights in memory; None for remote pools."""
+        states = [getattr(b, "loaded", None) for b in self.backends]
+        known = [s for s in states if isinstance(s, bool)]
+        return any(known) if known else None
+
 
 def _limits(
     requests_per_minute: int | None,
@@ -109,6 +120,8 @@ class Gateway:
     signer: TokenSigner
     limiter: RateLimiter
     audit: AuditWriter | None
+    memory: MemoryBudget
+    """RAM budget shared by the in-process models (carried over on reload)."""
     policies: tuple[Policy, ...] = ()
     names: dict[str, ServedModel] = field(default_factory=dict)
     carried: bool = False
@@ -151,7 +164,8 @@ class Gateway:
         With `previous` (a hot reload), its unchanged models keep their backends, and its
         database, key cache, limiter and (settings unchanged) audit writer carry over.
         """
-        models = _served_models(config, factories, previous)
+        memory = previous.memory if previous else MemoryBudget(_budget_bytes(config))
+        models = _served_models(config, _with_memory(factories, memory), previous)
         db = previous.db if previous else Database(config.database.url)
         keys = previous.keys if previous else KeyStore(db)
         gateway = cls(
@@ -170,6 +184,7 @@ class Gateway:
             ),
             limiter=previous.limiter if previous else _limiter(config),
             audit=_audit_writer(config, db, previous),
+            memory=memory,
             carried=previous is not None,
         )
         policies: list[Policy] = []
@@ -386,6 +401,21 @@ class Gateway:
                 response_body=_text(exchange.response_body) if bodies else None,
             )
         )
+
+
+def _budget_bytes(config: Config) -> int | None:
+    budget = config.memory.budget_mb
+    return None if budget is None else budget * 1024 * 1024
+
+
+def _with_memory(
+    factories: dict[str, BackendFactory] | None, memory: MemoryBudget
+) -> dict[str, BackendFactory]:
+    """The factories, the built-in in-process backend bound to the process's memory budget."""
+    factories = dict(backend_factories() if factories is None else factories)
+    if factories.get("llamacpp") is LlamaCppBackend:
+        factories["llamacpp"] = functools.partial(LlamaCppBackend, memory=memory)
+    return factories
 
 
 def _served_models(

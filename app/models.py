@@ -14,9 +14,10 @@ from app.responses import json_response
 
 
 def model_object(served: ServedModel) -> Model:
-    """The OpenAI Model object of a served model, with its context length and capabilities."""
+    """The OpenAI Model object of a served model: context length, capabilities, loaded."""
     context = served.context_length
     caps = served.capabilities
+    loaded = served.loaded
     return Model(
         id=served.config.id,
         created=served.created,
@@ -32,6 +33,7 @@ def model_object(served: ServedModel) -> Model:
             fim=caps.fim,
             rerank=caps.rerank or caps.embeddings,
         ),
+        loaded=UNSET if loaded is None else loaded,
     )
 
 

@@ -233,12 +233,20 @@ class EmbeddingRequest(Struct, kw_only=True, omit_defaults=True):
 # ---- responses
 
 
+class PromptTokensDetails(Struct, kw_only=True):
+    """Where the prompt's tokens came from."""
+
+    cached_tokens: int = 0
+    """Prompt tokens whose KV cache was reused from an earlier request (not evaluated again)."""
+
+
 class Usage(Struct, kw_only=True):
     """Token counts of one request."""
 
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | UnsetType = UNSET
 
 
 class TopLogprob(Struct, kw_only=True):
@@ -417,6 +425,8 @@ class Model(Struct, kw_only=True):
     # extensions read by IDE assistants: context window in tokens, capabilities
     context_length: int | UnsetType = UNSET
     capabilities: ModelCapabilities | UnsetType = UNSET
+    loaded: bool | UnsetType = UNSET
+    """In-process models: whether the weights are in memory now (else they load on demand)."""
 
 
 class ModelList(Struct, kw_only=True):

@@ -50,6 +50,7 @@ RESTART_ONLY = (
     "rate_limits.storage",
     "policies.ip_allowlist.admin",
     "metrics.enabled",
+    "memory.budget_mb",
 )
 """Keys bound to the listening socket, the process or the app's construction; a reload keeps
 their running values and warns."""

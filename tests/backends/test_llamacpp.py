@@ -23,7 +23,6 @@ from app.protocol import (
     EmbeddingRequest,
     StreamOptions,
 )
-from backends import llamacpp
 from backends.base import BackendSpec
 from backends.llamacpp import LlamaCppBackend
 from tests.serving import serve
@@ -82,7 +81,14 @@ async def test_greedy_is_deterministic_and_stream_matches(backend: LlamaCppBacke
     )
     assert text == first.choices[0].message.content
     assert typed[-1].choices == []
-    assert typed[-1].usage == first.usage
+    last = typed[-1].usage
+    assert last is not None
+    assert (last.prompt_tokens, last.completion_tokens) == (
+        first.usage.prompt_tokens,  # type: ignore[union-attr]
+        first.usage.completion_tokens,  # type: ignore[union-attr]
+    )
+    # The same prompt a third time: all of it but the last token comes from the KV cache.
+    assert last.prompt_tokens_details.cached_tokens == last.prompt_tokens - 1  # type: ignore[union-attr]
 
 
 async def test_stop_sequence_and_seed(backend: LlamaCppBackend) -> None:
@@ -135,7 +141,8 @@ async def test_template_errors_are_400(
     def broken(**_: Any) -> Any:
         raise ValueError("roles must alternate")
 
-    monkeypatch.setattr(backend, "_formatter", broken)
+    assert backend._loaded is not None
+    monkeypatch.setattr(backend._loaded, "formatter", broken)
     with pytest.raises(InvalidRequest, match="roles must alternate"):
         await backend.chat(chat_req())
 
@@ -153,41 +160,45 @@ async def test_embeddings(backend: LlamaCppBackend) -> None:
     assert out.usage.prompt_tokens > 3
 
 
-async def test_cancelled_stream_stops_generation(
-    backend: LlamaCppBackend, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    jobs: list[llamacpp._Job] = []
-    real_job = llamacpp._Job
+async def test_cancelled_stream_frees_its_slot() -> None:
+    backend = make_backend(slots=1)
+    await backend.start()
+    try:
+        engine = backend.engine
+        assert engine is not None
+        req = chat_req(
+            "Write a very long essay about the sea.", max_tokens=400, stream=True
+        )
+        steps = engine.steps
+        async with aclosing(backend.stream_chat(req)) as stream:  # type: ignore[type-var]
+            for _ in range(3):
+                await anext(stream)
+            assert engine.active == 1
+        # The one slot is free again long before 400 tokens could have been generated.
+        await asyncio.wait_for(backend.chat(chat_req(max_tokens=2)), timeout=30)
+        assert engine.steps - steps < 100
+        assert engine.active == 0
+    finally:
+        await backend.aclose()
 
-    def recording_job() -> llamacpp._Job:
-        jobs.append(real_job())
-        return jobs[-1]
 
-    monkeypatch.setattr(llamacpp, "_Job", recording_job)
-    req = chat_req(
-        "Write a very long essay about the sea.", max_tokens=400, stream=True, stream_options=None
-    )
-    async with aclosing(backend.stream_chat(req)) as stream:  # type: ignore[type-var]
-        for _ in range(3):
-            await anext(stream)
-    # The worker is free again long before 400 tokens could have been generated.
-    await asyncio.wait_for(backend.chat(chat_req(max_tokens=2)), timeout=30)
-    assert jobs[0].cancelled.is_set()
-    assert jobs[0].sampled < 100
-
-
-async def test_requests_are_served_in_arrival_order(backend: LlamaCppBackend) -> None:
+async def test_one_slot_serves_requests_in_arrival_order() -> None:
+    backend = make_backend(slots=1)
+    await backend.start()
     finished: list[int] = []
 
     async def one(i: int) -> None:
         await backend.chat(chat_req(f"Say the number {i}.", max_tokens=6))
         finished.append(i)
 
-    tasks = []
-    for i in range(4):
-        tasks.append(asyncio.create_task(one(i)))
-        await asyncio.sleep(0)  # each submits before the next is created
-    await asyncio.gather(*tasks)
+    try:
+        tasks = []
+        for i in range(4):
+            tasks.append(asyncio.create_task(one(i)))
+            await asyncio.sleep(0)  # each submits before the next is created
+        await asyncio.gather(*tasks)
+    finally:
+        await backend.aclose()
     assert finished == [0, 1, 2, 3]
 
 
