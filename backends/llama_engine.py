@@ -239,6 +239,8 @@ class Engine:
         self._waiting: deque[Sequence] = deque()
         self._wake = threading.Condition()
         self._stopping = False
+        self.failed = False
+        """The thread died of an unexpected error; the model must be loaded again."""
         self._outbox: list[tuple[Sequence, Event | BaseException | None]] = []
         self._embedder: Any = None
         self._embed_jobs: deque[_EmbedJob] = deque()
@@ -340,6 +342,8 @@ class Engine:
                 self._flush()
         except BaseException as exc:  # a bug here must not leave clients waiting forever
             log.exception("engine %s stopped", self.name)
+            with self._wake:
+                self._stopping = self.failed = True
             self._fail_all(UpstreamError(f"the inference engine failed: {exc}"))
         self._fail_all(UpstreamError(f"model {self.name!r} was unloaded"))
 
@@ -505,8 +509,17 @@ class Engine:
                     self._release(slot)
             return
         for seq, index in outputs:
-            if not seq.cancelled.is_set():
+            if seq.cancelled.is_set():
+                continue
+            try:
                 self._sample(seq, index)
+            except Exception as exc:  # this sequence's failure, not the batch's
+                log.exception("sampling failed for a sequence of %s", self.name)
+                slot = self._slots[seq.slot]
+                self._emit(seq, UpstreamError(f"sampling failed: {type(exc).__name__}: {exc}"))
+                llama_cpp.llama_memory_seq_rm(self._memory, slot.index, -1, -1)
+                slot.cache = []
+                self._release(slot)
 
     def _sample(self, seq: Sequence, index: int) -> None:
         import llama_cpp

@@ -320,6 +320,7 @@ class LlamaCppBackend:
         self.in_use = 0
         self.last_used = 0.0
         self._loaded: _Loaded | None = None
+        self._load_lock = asyncio.Lock()
         self.fim_tokens: tuple[int, int, int] | None = None
         """The model's fill-in-the-middle tokens (prefix, suffix, middle), known once loaded."""
 
@@ -352,8 +353,11 @@ class LlamaCppBackend:
 
     async def load(self) -> None:
         """Load the weights and start the engine (on a thread: it takes a while)."""
-        if self._loaded is not None:
-            return
+        async with self._load_lock:  # concurrent first requests load it once
+            if self._loaded is None:
+                await self._load()
+
+    async def _load(self) -> None:
         loaded = await asyncio.to_thread(_Loaded, self)
         self._loaded = loaded
         self.context_length = loaded.n_ctx
@@ -373,6 +377,9 @@ class LlamaCppBackend:
         """The loaded model for one request, loading it (within the budget) if needed."""
         self.in_use += 1
         try:
+            if self._loaded is not None and self._loaded.engine.failed:
+                log.warning("reloading %s: its engine failed", self.model_id)
+                await self.unload()
             if self.memory is not None:
                 await self.memory.ensure_loaded(self, self.options.queue_timeout_s)
             else:
@@ -392,7 +399,9 @@ class LlamaCppBackend:
             await self.load()
 
     async def health(self) -> bool:
-        """Loaded, or loadable on demand under a memory budget."""
+        """Loaded with a working engine, or loadable on demand under a memory budget."""
+        if self._loaded is not None and self._loaded.engine.failed:
+            return False
         return self._loaded is not None or self.memory is not None
 
     async def aclose(self) -> None:

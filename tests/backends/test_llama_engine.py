@@ -416,3 +416,44 @@ async def test_an_embedding_input_beyond_the_window_is_a_400(backend: LlamaCppBa
         await backend.embed(EmbeddingRequest(model="smol", input=["short", long_text]))
     assert caught.value.param == "input"
     assert caught.value.status_code == 400
+
+
+async def test_a_failing_sequence_does_not_stop_the_others(
+    backend: LlamaCppBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.errors import UpstreamError
+    from backends import llama_engine
+
+    def broken(*_: Any) -> Any:
+        raise FloatingPointError("no")
+
+    monkeypatch.setattr(llama_engine, "log_softmax_at", broken)
+    failing = backend.complete(completion(PROMPTS[0], logprobs=2))
+    fine = backend.complete(completion(PROMPTS[1]))
+    results = await asyncio.gather(failing, fine, return_exceptions=True)
+    assert isinstance(results[0], UpstreamError)
+    assert "sampling failed: FloatingPointError" in results[0].message
+    assert not isinstance(results[1], BaseException)
+    assert results[1].choices[0].text
+    assert engine_of(backend).active == 0
+
+
+async def test_a_dead_engine_fails_its_requests_and_is_reloaded(
+    backend: LlamaCppBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.errors import UpstreamError
+
+    engine = engine_of(backend)
+
+    def crash() -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(engine, "_step", crash)
+    with pytest.raises(UpstreamError, match="the inference engine failed: bug"):
+        await backend.complete(completion(PROMPTS[0]))
+    assert engine.failed
+    assert not await backend.health()
+    out = await backend.complete(completion(PROMPTS[0]))
+    assert out.choices[0].text
+    assert backend.engine is not engine
+    assert await backend.health()
