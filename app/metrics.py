@@ -102,6 +102,10 @@ MULTIPROCESS_MODES: dict[str, GaugeMode] = {
     "clawbot_backend_in_flight": "livesum",
     "clawbot_backend_recent_failures": "livesum",
     "clawbot_audit_queue_depth": "livesum",
+    "clawbot_engine_loaded": "livesum",
+    "clawbot_engine_slots": "livesum",
+    "clawbot_engine_slots_busy": "livesum",
+    "clawbot_engine_queue_depth": "livesum",
     "process_resident_memory_bytes": "livesum",
     "process_virtual_memory_bytes": "livesum",
     "process_open_fds": "livesum",
@@ -151,6 +155,7 @@ class GatewayCollector(Collector):
             value=max(0, self.in_flight() - self.scrapes),
         )
         yield from self._backends()
+        yield from self._engines()
         yield from self._audit()
 
     def _backends(self) -> Iterator[Metric]:
@@ -206,6 +211,42 @@ class GatewayCollector(Collector):
                 failures.add_metric(ids, d["total_failures"])
                 successes.add_metric(ids, d["total_successes"])
         yield from (info, healthy, eligible, cooling, cooldown, busy, recent, failures, successes)
+
+    def _engines(self) -> Iterator[Metric]:
+        """In-process models: loaded, slots, queue (backends with `engine_stats`)."""
+        labels = ["model", "deployment"]
+        loaded = GaugeMetricFamily(
+            "clawbot_engine_loaded",
+            "1 while an in-process model's weights are in memory.",
+            labels=labels,
+        )
+        slots = GaugeMetricFamily(
+            "clawbot_engine_slots", "Sequences the model decodes together.", labels=labels
+        )
+        busy = GaugeMetricFamily(
+            "clawbot_engine_slots_busy", "Slots holding a sequence now.", labels=labels
+        )
+        queued = GaugeMetricFamily(
+            "clawbot_engine_queue_depth", "Requests waiting for a slot.", labels=labels
+        )
+        steps = CounterMetricFamily(
+            "clawbot_engine_decode_steps",
+            "Batches decoded since the model was loaded.",
+            labels=labels,
+        )
+        for served in self.gateway.models:
+            for d in served.pool.deployments:
+                stats = getattr(d.backend, "engine_stats", None)
+                if not callable(stats):
+                    continue
+                s = stats()
+                ids = [served.config.id, d.name]
+                loaded.add_metric(ids, 1 if s["loaded"] else 0)
+                slots.add_metric(ids, s["slots"])
+                busy.add_metric(ids, s["active"])
+                queued.add_metric(ids, s["queued"])
+                steps.add_metric(ids, s["steps"])
+        yield from (loaded, slots, busy, queued, steps)
 
     def _audit(self) -> Iterator[Metric]:
         audit = self.gateway.audit

@@ -372,6 +372,17 @@ class LlamaCppBackend:
             await asyncio.to_thread(loaded.close)
             log.info("unloaded %s", self.model_id)
 
+    def engine_stats(self) -> dict[str, int | bool]:
+        """Loaded, slots, sequences holding one, requests queued, decode steps (for metrics)."""
+        engine = self.engine
+        return {
+            "loaded": engine is not None,
+            "slots": self.options.slots,
+            "active": 0 if engine is None else engine.active,
+            "queued": 0 if engine is None else engine.queued,
+            "steps": 0 if engine is None else engine.steps,
+        }
+
     @asynccontextmanager
     async def _use(self) -> AsyncIterator[_Loaded]:
         """The loaded model for one request, loading it (within the budget) if needed."""

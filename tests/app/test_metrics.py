@@ -602,3 +602,25 @@ async def test_serve_with_two_workers_answers_for_both(tmp_path: Path) -> None:
             assert value(samples, "clawbot_requests_total", **ok) == sent
             assert (value(samples, "process_resident_memory_bytes") or 0) > 0
             assert value(samples, "process_max_fds") is None, "multiprocess mode leaves it out"
+
+
+@pytest.mark.slow
+async def test_in_process_engine_gauges() -> None:
+    smol = {
+        "id": "smol",
+        "backend": "llamacpp:embedded",
+        "context_length": 512,
+        "options": {"slots": 3},
+    }
+    async with client_for(models=[smol]) as client:
+        before = await scrape(client, headers=AUTH)
+        body = chat("smol", max_tokens=4, temperature=0)
+        assert (await client.post(CHAT_ROUTE, json=body, headers=AUTH)).status_code == 200
+        after = await scrape(client, headers=AUTH)
+    ids = {"model": "smol", "deployment": "default"}
+    assert value(after, "clawbot_engine_loaded", **ids) == 1
+    assert value(after, "clawbot_engine_slots", **ids) == 3
+    assert value(after, "clawbot_engine_slots_busy", **ids) == 0
+    assert value(after, "clawbot_engine_queue_depth", **ids) == 0
+    steps = value(after, "clawbot_engine_decode_steps_total", **ids) or 0
+    assert steps >= 4 + (value(before, "clawbot_engine_decode_steps_total", **ids) or 0)
