@@ -7,10 +7,10 @@ tokens), decodes it once, and samples each sequence from its own row of logits w
 llama.cpp sampler chain (temperature, top-k/p, min-p, penalties, logit bias, seed, grammar).
 New requests take a free slot between steps; finished and cancelled ones leave between steps.
 
-A slot keeps the KV cache of its last sequence. A new prompt goes to the free slot sharing
-the longest prefix with it and evaluates only what follows (the next turn of a conversation
-re-reads only the new messages); with a unified KV cache the prefix may come from any slot,
-busy or not, since cells can belong to several sequences at once.
+A slot keeps the KV cache of its last sequence. A new prompt evaluates only what follows the
+longest prefix it shares with any slot's cache, busy or free (the next turn of a conversation
+re-reads only the new messages, a shared system prompt is read once): with a unified KV cache
+the prefix's cells gain the new sequence id; with a stream per slot the source stream is copied.
 
 Requests beyond the slots wait in a bounded FIFO: a full queue, or a wait longer than
 `queue_timeout_s`, is a 503 `server_busy` with a retry-after. Events go back to the asyncio
@@ -145,6 +145,10 @@ def _sampler_chain(sampling: Sampling, vocab: Any, n_vocab: int) -> Any:
     seed = sampling.seed if sampling.seed is not None else secrets.randbits(31)
     add(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
     return chain
+
+
+COPY_MIN_TOKENS = 16
+"""Shortest gain in reused prompt tokens worth copying another slot's KV stream for."""
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -406,14 +410,25 @@ class Engine:
     def _place(self, seq: Sequence, free: list[_Slot]) -> None:
         import llama_cpp
 
-        slot, keep, source = self._choose_slot(seq, free)
-        if source is not None and source is not slot:
-            # Unified cache: the cells of the shared prefix gain this sequence id, no copy.
-            llama_cpp.llama_memory_seq_rm(self._memory, slot.index, -1, -1)
-            llama_cpp.llama_memory_seq_cp(self._memory, source.index, slot.index, 0, keep)
-        elif not llama_cpp.llama_memory_seq_rm(self._memory, slot.index, keep, -1):
-            llama_cpp.llama_memory_seq_rm(self._memory, slot.index, -1, -1)
-            keep = 0
+        # The lowest free slot: busy slots stay contiguous, and llama.cpp decodes the tokens of
+        # per-slot KV streams in one pass only when their sequence ids are consecutive.
+        slot = free[0]
+        keep, source = self._best_prefix(seq, slot)
+        memory = self._memory
+        if source is slot:
+            if not llama_cpp.llama_memory_seq_rm(memory, slot.index, keep, -1):
+                llama_cpp.llama_memory_seq_rm(memory, slot.index, -1, -1)
+                keep = 0
+        else:
+            llama_cpp.llama_memory_seq_rm(memory, slot.index, -1, -1)
+            if source is not None and self.config.kv_unified:
+                # The prefix's cells gain this sequence id: no data moves.
+                llama_cpp.llama_memory_seq_cp(memory, source.index, slot.index, 0, keep)
+            elif source is not None:
+                # Another stream: llama.cpp copies it whole (before the next decode), then
+                # the copy is cut back to the shared prefix.
+                llama_cpp.llama_memory_seq_cp(memory, source.index, slot.index, -1, -1)
+                llama_cpp.llama_memory_seq_rm(memory, slot.index, keep, -1)
         slot.cache = seq.prompt[:keep]
         seq.slot, seq.n_read, seq.cached = slot.index, keep, keep
         seq.sampler = _sampler_chain(seq.sampling, self.vocab, self.n_vocab)
@@ -422,28 +437,26 @@ class Engine:
         seq.admitted.set()
         self._emit(seq, Start(len(seq.prompt), keep))
 
-    def _choose_slot(
-        self, seq: Sequence, free: list[_Slot]
-    ) -> tuple[_Slot, int, _Slot | None]:
-        """The slot for `seq`, how many prompt tokens it reuses, and the slot they are in.
+    def _best_prefix(self, seq: Sequence, target: _Slot) -> tuple[int, _Slot | None]:
+        """How many prompt tokens `seq` can take from the KV cache, and from which slot.
 
-        At least the last prompt token is always evaluated: its logits start the reply.
+        At least the last prompt token is always evaluated: its logits start the reply. Copying
+        another slot's stream costs a copy of its whole buffer, so with per-slot streams it is
+        done only when it saves at least `COPY_MIN_TOKENS` over what `target` holds.
         """
+        if not (self.config.prefix_cache and seq.reuse_prefix):
+            return 0, None
         limit = len(seq.prompt) - 1
-        best, best_keep = None, 0
-        if self.config.prefix_cache and seq.reuse_prefix:
-            candidates = self._slots if self.config.kv_unified else free
-            for slot in candidates:
-                keep = min(common_prefix(slot.cache, seq.prompt), limit)
-                if keep > best_keep:
-                    best, best_keep = slot, keep
-        if best is not None and best.seq is None:
-            return best, best_keep, best
-        # The least recently released free slot, so recent conversations stay cached.
-        target = min(free, key=lambda s: s.released_at)
-        if best is not None and best_keep > 0:
-            return target, best_keep, best
-        return target, 0, None
+        own = min(common_prefix(target.cache, seq.prompt), limit)
+        best, best_keep = target, own
+        for slot in self._slots:
+            keep = min(common_prefix(slot.cache, seq.prompt), limit)
+            if keep > best_keep:
+                best, best_keep = slot, keep
+        copying = best is not target and not self.config.kv_unified
+        if copying and best_keep - own < COPY_MIN_TOKENS:
+            best, best_keep = target, own
+        return best_keep, best if best_keep > 0 else None
 
     def _release(self, slot: _Slot) -> None:
         import llama_cpp

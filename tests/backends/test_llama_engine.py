@@ -457,3 +457,34 @@ async def test_a_dead_engine_fails_its_requests_and_is_reloaded(
     assert out.choices[0].text
     assert backend.engine is not engine
     assert await backend.health()
+
+
+@pytest.mark.parametrize("unified", [False, True])
+async def test_a_prefix_in_a_busy_slot_is_shared(unified: bool) -> None:
+    """A shared system prompt is read once: the next request copies it from a busy slot."""
+    system = {
+        "role": "system",
+        "content": "You are the support assistant of Acme Corp. Be brief, be polite, never "
+        "share personal data, and say so when you are unsure about an answer.",
+    }
+    backend = make_backend(slots=2, kv_unified=unified)
+    cold = make_backend(slots=1, prefix_cache=False)
+    await backend.start()
+    await cold.start()
+    try:
+        essay = [system, {"role": "user", "content": "Write a very long essay about the sea."}]
+        stream = backend.stream_chat(chat(essay, max_tokens=400, stream=True))
+        async with aclosing(stream) as items:  # type: ignore[type-var]
+            await anext(items)
+            await anext(items)  # slot 0 is generating, its cache holds the system prompt
+            question = [system, {"role": "user", "content": "Name three colors."}]
+            shared = await backend.chat(chat(question))  # slot 1, empty until now
+            assert engine_of(backend).active == 1
+        expected = await cold.chat(chat(question))
+        details = shared.usage.prompt_tokens_details
+        assert not isinstance(details, msgspec.UnsetType)
+        assert details.cached_tokens >= 30, "the system prompt, at least"
+        assert shared.choices[0].message.content == expected.choices[0].message.content
+    finally:
+        await backend.aclose()
+        await cold.aclose()
