@@ -223,7 +223,7 @@ class GatewayCollector(Collector):
         slots = GaugeMetricFamily(
             "clawbot_engine_slots", "Sequences the model decodes together.", labels=labels
         )
-        busy = GaugeMetricFamily(
+        occupied = GaugeMetricFamily(
             "clawbot_engine_slots_busy", "Slots holding a sequence now.", labels=labels
         )
         queued = GaugeMetricFamily(
@@ -234,6 +234,22 @@ class GatewayCollector(Collector):
             "Batches decoded since the model was loaded.",
             labels=labels,
         )
+        tokens = CounterMetricFamily(
+            "clawbot_engine_batch_tokens",
+            "Tokens decoded (prompt tokens read and tokens generated) since the model loaded.",
+            labels=labels,
+        )
+        decode = CounterMetricFamily(
+            "clawbot_engine_decode_seconds",
+            "Time in llama.cpp's decode since the model loaded.",
+            labels=labels,
+        )
+        busy = CounterMetricFamily(
+            "clawbot_engine_busy_seconds",
+            "Time the engine thread worked (decode, sampling, bookkeeping) since the model "
+            "loaded; the rest it waited for requests.",
+            labels=labels,
+        )
         for served in self.gateway.models:
             for d in served.pool.deployments:
                 stats = getattr(d.backend, "engine_stats", None)
@@ -241,12 +257,16 @@ class GatewayCollector(Collector):
                     continue
                 s = stats()
                 ids = [served.config.id, d.name]
-                loaded.add_metric(ids, 1 if s["loaded"] else 0)
+                loaded.add_metric(ids, s["loaded"])
                 slots.add_metric(ids, s["slots"])
-                busy.add_metric(ids, s["active"])
+                occupied.add_metric(ids, s["active"])
                 queued.add_metric(ids, s["queued"])
-                steps.add_metric(ids, s["steps"])
-        yield from (loaded, slots, busy, queued, steps)
+                if s["loaded"]:
+                    steps.add_metric(ids, s["steps"])
+                    tokens.add_metric(ids, s["batch_tokens"])
+                    decode.add_metric(ids, s["decode_s"])
+                    busy.add_metric(ids, s["busy_s"])
+        yield from (loaded, slots, occupied, queued, steps, tokens, decode, busy)
 
     def _audit(self) -> Iterator[Metric]:
         audit = self.gateway.audit

@@ -252,6 +252,12 @@ class Engine:
         """Decode steps so far (for tests and metrics)."""
         self.embed_batches = 0
         """Embedding decodes so far."""
+        self.batch_tokens = 0
+        """Tokens decoded so far: prompts read and tokens generated."""
+        self.decode_s = 0.0
+        """Time spent in llama_decode so far (seconds)."""
+        self.busy_s = 0.0
+        """Time the engine thread spent working so far: decoding, sampling, bookkeeping."""
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self._thread.start()
 
@@ -338,12 +344,14 @@ class Engine:
                         self._wake.wait()
                     if self._stopping:
                         break
+                started = time.perf_counter()
                 self._admit()
                 if self._embed_jobs:
                     self._embed_step()
                 if any(s.seq is not None for s in self._slots):
                     self._step()
                 self._flush()
+                self.busy_s += time.perf_counter() - started
         except BaseException as exc:  # a bug here must not leave clients waiting forever
             log.exception("engine %s stopped", self.name)
             with self._wake:
@@ -510,8 +518,11 @@ class Engine:
             slot.cache.extend(chunk)
             budget -= len(chunk)
         batch.n_tokens = n
+        started = time.perf_counter()
         status = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        self.decode_s += time.perf_counter() - started
         self.steps += 1
+        self.batch_tokens += n
         if status != 0:
             error = UpstreamError(f"llama.cpp could not decode a batch (status {status})")
             for slot in active:

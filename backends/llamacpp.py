@@ -372,15 +372,21 @@ class LlamaCppBackend:
             await asyncio.to_thread(loaded.close)
             log.info("unloaded %s", self.model_id)
 
-    def engine_stats(self) -> dict[str, int | bool]:
-        """Loaded, slots, sequences holding one, requests queued, decode steps (for metrics)."""
+    def engine_stats(self) -> dict[str, float]:
+        """Loaded, slots, sequences holding one, requests queued, and the engine's counters
+        since the model loaded: decode steps, tokens decoded, seconds decoding and busy."""
         engine = self.engine
+        if engine is None:
+            return {"loaded": 0, "slots": self.options.slots, "active": 0, "queued": 0}
         return {
-            "loaded": engine is not None,
+            "loaded": 1,
             "slots": self.options.slots,
-            "active": 0 if engine is None else engine.active,
-            "queued": 0 if engine is None else engine.queued,
-            "steps": 0 if engine is None else engine.steps,
+            "active": engine.active,
+            "queued": engine.queued,
+            "steps": engine.steps,
+            "batch_tokens": engine.batch_tokens,
+            "decode_s": engine.decode_s,
+            "busy_s": engine.busy_s,
         }
 
     @asynccontextmanager

@@ -624,3 +624,8 @@ async def test_in_process_engine_gauges() -> None:
     assert value(after, "clawbot_engine_queue_depth", **ids) == 0
     steps = value(after, "clawbot_engine_decode_steps_total", **ids) or 0
     assert steps >= 4 + (value(before, "clawbot_engine_decode_steps_total", **ids) or 0)
+    tokens = value(after, "clawbot_engine_batch_tokens_total", **ids) or 0
+    assert tokens >= steps, "every step decodes at least one token"
+    decode = value(after, "clawbot_engine_decode_seconds_total", **ids) or 0
+    busy = value(after, "clawbot_engine_busy_seconds_total", **ids) or 0
+    assert 0 < decode <= busy
