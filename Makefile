@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CONFIG ?= clawbot.json
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test lint bench clean chromium
+.PHONY: run test lint bench bench-inference clean chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ chromium:
 
 bench: $(STAMP)
 	$(BIN)/python bench/gateway_overhead.py
+
+# The embedded model through clawbot vs. llama-cpp-python's server (the `bench` extra), e.g.
+#   make bench-inference BENCH_ARGS=--quick
+bench-inference: $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python bench/inference.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -147,6 +147,8 @@ def _sampler_chain(sampling: Sampling, vocab: Any, n_vocab: int) -> Any:
     return chain
 
 
+PREFILL_FIRST_TOKENS = 64
+"""Unread prompt tokens (all waiting prompts together) read in a step without generation."""
 COPY_MIN_TOKENS = 16
 """Shortest gain in reused prompt tokens worth copying another slot's KV stream for."""
 
@@ -477,7 +479,7 @@ class Engine:
         slot.released_at = time.monotonic()
 
     def _step(self) -> None:
-        """One decode: next tokens of generating sequences, then prompt chunks, then sample."""
+        """One decode: next tokens of generating sequences and prompt chunks, then sample."""
         import llama_cpp
 
         batch = self._batch
@@ -495,10 +497,16 @@ class Engine:
             batch.logits[n] = logits
             n += 1
 
+        unread = sum(len(s.seq.prompt) - s.seq.n_read for s in active if s.seq is not None)
+        # Prompts short enough are read in a step of their own: the costs of a step's tokens
+        # add up on a CPU, so the generating sequences' next tokens come no later than if they
+        # had shared the step, and the new requests' first tokens come sooner. Longer prompts
+        # share steps with them, a chunk at a time, so they never stall the streams for long.
+        prefill_only = 0 < unread <= min(PREFILL_FIRST_TOKENS, budget)
         for slot in active:
             seq = slot.seq
             assert seq is not None
-            if seq.n_read == len(seq.prompt):
+            if seq.n_read == len(seq.prompt) and not prefill_only:
                 outputs.append((seq, n))
                 add(seq.last_token, len(slot.cache), slot.index, True)
                 slot.cache.append(seq.last_token)
