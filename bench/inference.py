@@ -140,6 +140,8 @@ class Level:
     """CPU used by processes other than the server and this client: a busy machine."""
     engine: dict[str, float] | None = None
     """clawbot only: where its engine thread's time went (from its /metrics counters)."""
+    ttft_later_p50: float | None = None
+    """TTFT p50 over each session's turns after its first (not the opening burst)."""
 
 
 @dataclass
@@ -224,8 +226,9 @@ async def sessions_level(
 
         counters0 = await asyncio.to_thread(engine_counters, url)
         started, (busy0, own0, srv0) = time.perf_counter(), cpu_now(service)
-        replies = [r for rs in await asyncio.gather(*map(session, plans)) for r in rs]
+        by_session = await asyncio.gather(*map(session, plans))
         wall, (busy1, own1, srv1) = time.perf_counter() - started, cpu_now(service)
+        replies = [r for rs in by_session for r in rs]
         counters1 = await asyncio.to_thread(engine_counters, url)
     srv = None if srv0 is None or srv1 is None else srv1 - srv0
     busy = None if busy0 is None or busy1 is None else busy1 - busy0
@@ -233,12 +236,15 @@ async def sessions_level(
     good = [r for r in replies if r.error is None and r.first is not None]
     tokens = sum(r.tokens for r in good)
     ttfts = [(r.first - r.start) * 1000 for r in good if r.first]
+    # All sessions start together, so first turns arrive as one burst; later turns arrive
+    # spread out, as a steady state's requests do.
+    later = [(r.first - r.start) * 1000 for rs in by_session for r in rs[1:] if r.first]
     rates = [(r.tokens - 1) / (r.end - r.first) for r in good if r.first and r.tokens > 1]
     errors = [r.error or "no content" for r in replies if r.error or r.first is None]
     return Level(
         name, n, len(replies), tokens, wall, tokens / wall, pct(ttfts, 50), pct(ttfts, 95),
         pct(rates, 50), len(errors), errors[:3], None if srv is None else srv / wall, other,
-        engine_split(counters0, counters1, wall),
+        engine_split(counters0, counters1, wall), pct(later, 50),
     )  # fmt: skip
 
 
@@ -378,12 +384,14 @@ def _f(value: float | None, spec: str = ".0f") -> str:
 def table(levels: Sequence[Level]) -> str:
     rows = [
         f"{'server':<9}{'sessions':>9}{'reqs':>6}{'agg tok/s':>11}{'ttft p50':>10}"
-        f"{'ttft p95':>10}{'stream tok/s':>14}{'errors':>8}{'wall s':>8}{'srv cpu':>9}{'other':>7}"
+        f"{'ttft p95':>10}{'later p50':>11}{'stream tok/s':>14}{'errors':>8}{'wall s':>8}"
+        f"{'srv cpu':>9}{'other':>7}"
     ]
     for lv in levels:
         rows.append(
             f"{lv.server:<9}{lv.sessions:>9}{lv.requests:>6}{lv.agg_tps:>11.1f}"
-            f"{_f(lv.ttft_p50):>10}{_f(lv.ttft_p95):>10}{_f(lv.stream_tps_p50, '.1f'):>14}"
+            f"{_f(lv.ttft_p50):>10}{_f(lv.ttft_p95):>10}{_f(lv.ttft_later_p50):>11}"
+            f"{_f(lv.stream_tps_p50, '.1f'):>14}"
             f"{lv.errors:>8}{lv.wall_s:>8.1f}{_f(lv.server_cores, '.2f'):>9}"
             f"{_f(lv.other_cores, '.2f'):>7}"
         )
@@ -567,8 +575,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             prefix.append(base_prefix)
     levels.sort(key=lambda lv: (lv.sessions, lv.server != "clawbot"))
     print(
-        "\nTTFT in ms; stream tok/s: p50 per stream, after its first token; srv cpu: cores the "
-        "server used; other: cores used by other processes (above ~0.2 the numbers are noisy)"
+        "\nTTFT in ms; later p50: TTFT p50 of the turns after each session's first (the first "
+        "turns of all sessions arrive as one burst); stream tok/s: p50 per stream, after its "
+        "first token; srv cpu: cores the server used; other: cores used by other processes "
+        "(above ~0.2 the numbers are noisy)"
     )
     print("baseline: llama_cpp.server --interrupt_requests False")
     print(table(levels))
