@@ -45,6 +45,10 @@ class RouterState:
         self._prefix = key_prefix
         self._task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
+        self._clearing: set[str] = set()
+        """Keys of recovered deployments whose deletion has not completed yet."""
+        self._cleared_at: dict[str, float] = {}
+        """When each key's last deletion by this replica completed (monotonic)."""
         self._failing = False
         for pool, _ in self._pools:
             pool.on_trip = self._tripped
@@ -100,7 +104,17 @@ class RouterState:
             )
         elif recovered:
             keys = (self.key(pool, d, "down"), self.key(pool, d, "cooldown"))
-            self._spawn("clear a recovered deployment", self._client.delete(keys))
+            self._clearing.update(keys)
+
+            async def clear() -> None:
+                try:
+                    await self._client.delete(keys)
+                finally:
+                    self._clearing.difference_update(keys)
+                    done = time.monotonic()
+                    self._cleared_at.update(dict.fromkeys(keys, done))
+
+            self._spawn("clear a recovered deployment", clear())
 
     async def sync(self) -> None:
         """Read every shared mark once and apply it to the local pools."""
@@ -113,16 +127,23 @@ class RouterState:
         if not entries:
             return
         keys = tuple(self.key(p, d, kind) for p, d in entries for kind in ("cooldown", "down"))
+        asked = time.monotonic()
         async with asyncio.timeout(_TIMEOUT_S):
             values = await self._client.mget(keys)
         now_wall = time.time()
         for i, (pool, d) in enumerate(entries):
+            if self._stale(keys[2 * i + 1], asked):
+                continue  # this replica saw it recover: the marks it read are being deleted
             cooldown, down = values[2 * i], values[2 * i + 1]
             if cooldown is not None:
                 _apply_cooldown(pool, d, float(cooldown) - now_wall)
             if down is not None and d.healthy:
                 pool.mark_unhealthy(d.name)
                 d.check_error = f"reported by another replica: {down}"
+
+    def _stale(self, key: str, asked: float) -> bool:
+        """Whether a mark read at `asked` may predate this replica's deletion of it."""
+        return key in self._clearing or self._cleared_at.get(key, -1.0) >= asked
 
     async def _run(self) -> None:
         while True:

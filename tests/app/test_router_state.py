@@ -162,3 +162,36 @@ def test_router_state_must_be_memory_or_redis() -> None:
 
     with pytest.raises(ConfigError, match=r"router\.state"):
         parse_config({"router": {"state": "etcd://x"}, "models": [{"id": "m", "backend": "mock:"}]})
+
+
+async def test_a_recovery_is_not_undone_by_a_sync_reading_the_mark_being_deleted(
+    prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sick = {"name": "a", "backend": "mock:", "options": {"healthy": False}}
+    cfg = config(prefix, [sick, BACKUP], health_check_interval_s=30)
+    one, two = await replicas(cfg)
+    try:
+        await one.monitor.check_all()
+        state = one.router_state
+        assert state is not None
+        key = state.key(pool_of(one), deployment(one, "a"), "down")
+        await until_async(lambda: state._client.exists([key]), 1)
+        real_delete = state._client.delete
+
+        async def slow_delete(keys: Any) -> Any:
+            await asyncio.sleep(0.3)
+            return await real_delete(keys)
+
+        monkeypatch.setattr(state._client, "delete", slow_delete)
+        backend = deployment(one, "a").backend
+        backend.options = msgspec.structs.replace(backend.options, healthy=True)  # type: ignore[attr-defined]
+        await one.monitor.check_all()
+        assert deployment(one, "a").healthy
+        # The deletion is under way: the mark is still in Redis when this sync reads it.
+        assert await state._client.exists([key]) == 1
+        await state.sync()
+        assert deployment(one, "a").healthy, "its own recovery wins over its own stale mark"
+        await until_async(lambda: state._client.exists([key]), 0)
+    finally:
+        await one.aclose()
+        await two.aclose()
