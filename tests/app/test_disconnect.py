@@ -21,8 +21,15 @@ LONG = {
     "temperature": 0,
 }
 SHORT = {**LONG, "max_tokens": 4}
-CONFIG = {
-    "models": [{"id": "smol", "backend": "llamacpp:embedded", "context_length": 1024}],
+CONFIG = {  # one slot: a request queues behind any generation still running
+    "models": [
+        {
+            "id": "smol",
+            "backend": "llamacpp:embedded",
+            "context_length": 1024,
+            "options": {"slots": 1},
+        }
+    ],
 }
 
 
