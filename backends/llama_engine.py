@@ -490,11 +490,7 @@ class Engine:
 
         def add(token: int, pos: int, seq_id: int, logits: bool) -> None:
             nonlocal n
-            batch.token[n] = token
-            batch.pos[n] = pos
-            batch.n_seq_id[n] = 1
-            batch.seq_id[n][0] = seq_id
-            batch.logits[n] = logits
+            _put(batch, n, token, pos, seq_id, logits)
             n += 1
 
         unread = sum(len(s.seq.prompt) - s.seq.n_read for s in active if s.seq is not None)
@@ -630,6 +626,15 @@ class Engine:
             job.complete()
 
 
+def _put(batch: Any, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
+    """Token `i` of a llama_batch: one sequence id, logits wanted or not."""
+    batch.token[i] = token
+    batch.pos[i] = pos
+    batch.n_seq_id[i] = 1
+    batch.seq_id[i][0] = seq_id
+    batch.logits[i] = logits
+
+
 def _deliver_all(items: list[tuple[Sequence, Any]]) -> None:
     for seq, item in items:
         seq.deliver(item)
@@ -729,11 +734,7 @@ class _Embedder:
         n = 0
         for seq_id, (_, _, tokens) in enumerate(group):
             for pos, token in enumerate(tokens):
-                batch.token[n] = token
-                batch.pos[n] = pos
-                batch.n_seq_id[n] = 1
-                batch.seq_id[n][0] = seq_id
-                batch.logits[n] = True
+                _put(batch, n, token, pos, seq_id, True)
                 n += 1
         batch.n_tokens = n
         memory = llama_cpp.llama_get_memory(self._ctx.ctx)

@@ -228,9 +228,7 @@ class _Loaded:
                 stop_token_ids=[eos],
             )
             n_ctx = backend.n_ctx or int(self.model.n_ctx_train())
-            self.engine = Engine(
-                self.model, backend.engine_config(n_ctx), name=backend.model_id
-            )
+            self.engine = Engine(self.model, backend.engine_config(n_ctx), name=backend.model_id)
         except BaseException:
             self.model.close()
             raise
@@ -538,27 +536,18 @@ class LlamaCppBackend:
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletion:
         """Generate a whole reply (or a tool call)."""
         plan = plan_output(req)
-        shaper = ReplyShaper(plan.mode)
-        entries: list[TokenLogprob] = []
-        finish: Literal["stop", "length"] = "stop"
-        counts = usage(0, 0)
         async with self._chat_events(req, plan) as events:
-            async for event in events:
-                if isinstance(event, Piece):
-                    shaper.feed(event.text)
-                    finish = event.finish_reason or finish
-                    entries.extend(event.logprobs)
-                elif isinstance(event, End):
-                    counts = usage(
-                        event.prompt_tokens, event.completion_tokens, event.cached_tokens
-                    )
-        shaper.finish(finish)
+            reply = await _collect(events)
+        shaper = ReplyShaper(plan.mode)
+        shaper.feed(reply.text)
+        shaper.finish(reply.finish)
+        end = reply.end
         return chat_completion(
             self.model_id,
             shaper.message(),
-            shaper.finish_reason(finish),
-            counts,
-            _chat_logprobs(entries) if req.logprobs else None,
+            shaper.finish_reason(reply.finish),
+            usage(end.prompt_tokens, end.completion_tokens, end.cached_tokens),
+            _chat_logprobs(reply.entries) if req.logprobs else None,
         )
 
     async def stream_chat(self, req: ChatCompletionRequest) -> AsyncIterator[StreamItem]:
@@ -675,19 +664,8 @@ class LlamaCppBackend:
         )
 
     async def _complete_one(self, req: CompletionRequest, prompt: str | list[int]) -> _Completed:
-        text: list[str] = []
-        entries: list[TokenLogprob] = []
-        finish: Literal["stop", "length"] = "stop"
-        end = End(0, 0, 0)
         async with self._completion_events(req, prompt) as events:
-            async for event in events:
-                if isinstance(event, Piece):
-                    text.append(event.text)
-                    finish = event.finish_reason or finish
-                    entries.extend(event.logprobs)
-                elif isinstance(event, End):
-                    end = event
-        return _Completed("".join(text), entries, finish, end)
+            return await _collect(events)
 
     async def stream_complete(self, req: CompletionRequest) -> AsyncIterator[StreamItem]:
         """Stream the completion of a single prompt."""
@@ -714,8 +692,7 @@ class LlamaCppBackend:
             for i, tokens in enumerate(inputs):
                 if len(tokens) > longest:
                     raise ContextLengthExceeded(
-                        f"input[{i}] is {len(tokens)} tokens; this model embeds at most "
-                        f"{longest}",
+                        f"input[{i}] is {len(tokens)} tokens; this model embeds at most {longest}",
                         param="input",
                     )
             job = loaded.engine.embed(inputs)
@@ -734,6 +711,22 @@ class _Completed(NamedTuple):
     entries: list[TokenLogprob]
     finish: Literal["stop", "length"]
     end: End
+
+
+async def _collect(events: AsyncGenerator[Event]) -> _Completed:
+    """A whole generation from its events: text, log probabilities, finish reason, counts."""
+    text: list[str] = []
+    entries: list[TokenLogprob] = []
+    finish: Literal["stop", "length"] = "stop"
+    end = End(0, 0, 0)
+    async for event in events:
+        if isinstance(event, Piece):
+            text.append(event.text)
+            finish = event.finish_reason or finish
+            entries.extend(event.logprobs)
+        elif isinstance(event, End):
+            end = event
+    return _Completed("".join(text), entries, finish, end)
 
 
 async def _echoed(echo: str, events: AsyncGenerator[Event]) -> AsyncGenerator[Event]:

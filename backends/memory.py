@@ -29,6 +29,7 @@ class Resident(Protocol):
     name: str
     footprint: int
     """Bytes it needs when loaded (estimated)."""
+
     @property
     def loaded(self) -> bool:
         """Weights in memory."""

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 import msgspec
@@ -193,80 +193,71 @@ async def test_reused_prefix_gives_the_same_greedy_reply(backend: LlamaCppBacken
     assert warm.choices[0].message.content == expected
 
 
-async def test_cancelled_request_frees_its_slot_at_once() -> None:
-    backend = make_backend(slots=1, queue_timeout_s=20)
+@asynccontextmanager
+async def one_slot_taken(
+    **options: Any,
+) -> AsyncIterator[tuple[LlamaCppBackend, Callable[[], Any]]]:
+    """A one-slot model whose slot a long stream holds; and how to close that stream."""
+    backend = make_backend(slots=1, **options)
     await backend.start()
+    stream = await long_stream(backend)
     try:
+        await anext(stream)
+        await anext(stream)
+        yield backend, stream.aclose
+    finally:
+        await stream.aclose()
+        await backend.aclose()
+
+
+async def test_cancelled_request_frees_its_slot_at_once() -> None:
+    async with one_slot_taken(queue_timeout_s=20) as (backend, release):
         engine = engine_of(backend)
-        stream = await long_stream(backend)
-        async with aclosing(stream) as items:  # type: ignore[type-var]
-            await anext(items)
-            await anext(items)
-            assert engine.active == 1
+        assert engine.active == 1
+        await release()
         # The only slot is free for the next request long before 400 tokens were generated.
         steps = engine.steps
         out = await asyncio.wait_for(backend.complete(completion("Hi", max_tokens=2)), 10)
         assert out.choices[0].text
         assert engine.steps - steps < 50
         assert engine.active == 0
-    finally:
-        await backend.aclose()
 
 
 async def test_a_cancelled_waiting_request_leaves_the_queue() -> None:
-    backend = make_backend(slots=1, max_queue=1)
-    await backend.start()
-    try:
+    async with one_slot_taken(max_queue=1) as (backend, release):
         engine = engine_of(backend)
-        stream = await long_stream(backend)
-        async with aclosing(stream) as items:  # type: ignore[type-var]
-            await anext(items)
-            waiting = asyncio.create_task(backend.complete(completion("Hi")))
-            await until(lambda: engine.queued > 0)
-            waiting.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await waiting
-            # Its place in the queue is free again: another request may wait there.
-            again = asyncio.create_task(backend.complete(completion("Hi", max_tokens=2)))
-            await asyncio.sleep(0.05)
-            assert not again.done()
+        waiting = asyncio.create_task(backend.complete(completion("Hi")))
+        await until(lambda: engine.queued > 0)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        # Its place in the queue is free again: another request may wait there.
+        again = asyncio.create_task(backend.complete(completion("Hi", max_tokens=2)))
+        await asyncio.sleep(0.05)
+        assert not again.done()
+        await release()
         assert (await asyncio.wait_for(again, 10)).choices[0].text
-    finally:
-        await backend.aclose()
 
 
 async def test_full_queue_is_server_busy_at_once() -> None:
-    backend = make_backend(slots=1, max_queue=1)
-    await backend.start()
-    try:
+    async with one_slot_taken(max_queue=1) as (backend, release):
         engine = engine_of(backend)
-        stream = await long_stream(backend)
-        async with aclosing(stream) as items:  # type: ignore[type-var]
-            await anext(items)
-            queued = asyncio.create_task(backend.complete(completion("Hi", max_tokens=2)))
-            await until(lambda: engine.queued > 0)
-            with pytest.raises(ServerBusy) as caught:
-                await backend.complete(completion("Hi"))
-            assert caught.value.status_code == 503
-            assert caught.value.code == "server_busy"
-            assert caught.value.retry_after
+        queued = asyncio.create_task(backend.complete(completion("Hi", max_tokens=2)))
+        await until(lambda: engine.queued > 0)
+        with pytest.raises(ServerBusy) as caught:
+            await backend.complete(completion("Hi"))
+        assert caught.value.status_code == 503
+        assert caught.value.code == "server_busy"
+        assert caught.value.retry_after
+        await release()
         assert (await asyncio.wait_for(queued, 10)).choices[0].text
-    finally:
-        await backend.aclose()
 
 
 async def test_queue_timeout_is_server_busy() -> None:
-    backend = make_backend(slots=1, queue_timeout_s=0.3)
-    await backend.start()
-    try:
-        stream = await long_stream(backend)
-        async with aclosing(stream) as items:  # type: ignore[type-var]
-            await anext(items)
-            with pytest.raises(ServerBusy, match=r"no slot became free within 0\.3 s"):
-                await backend.complete(completion("Hi"))
-            assert engine_of(backend).queued in (0, 1)  # dropped at the next step at the latest
-    finally:
-        await backend.aclose()
+    async with one_slot_taken(queue_timeout_s=0.3) as (backend, _):
+        with pytest.raises(ServerBusy, match=r"no slot became free within 0\.3 s"):
+            await backend.complete(completion("Hi"))
+        assert engine_of(backend).queued in (0, 1)  # dropped at the next step at the latest
 
 
 async def test_server_busy_on_the_wire() -> None:

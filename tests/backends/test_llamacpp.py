@@ -166,9 +166,7 @@ async def test_cancelled_stream_frees_its_slot() -> None:
     try:
         engine = backend.engine
         assert engine is not None
-        req = chat_req(
-            "Write a very long essay about the sea.", max_tokens=400, stream=True
-        )
+        req = chat_req("Write a very long essay about the sea.", max_tokens=400, stream=True)
         steps = engine.steps
         async with aclosing(backend.stream_chat(req)) as stream:  # type: ignore[type-var]
             for _ in range(3):
