@@ -92,37 +92,41 @@ async def test_a_cooldown_on_one_replica_takes_the_deployment_out_on_the_other(
         await two.aclose()
 
 
-async def test_a_failed_health_check_is_shared_and_a_recovery_clears_it(
-    prefix: str, redis: coredis.Redis[str]
-) -> None:
+@pytest.fixture
+async def sick_pair(prefix: str) -> AsyncIterator[tuple[Gateway, Gateway]]:
+    """Two replicas of a pool whose deployment `a` fails its health check; one has checked."""
     sick = {"name": "a", "backend": "mock:", "options": {"healthy": False}}
-    cfg = config(prefix, [sick, BACKUP], health_check_interval_s=30)
-    one, two = await replicas(cfg)
+    one, two = await replicas(config(prefix, [sick, BACKUP], health_check_interval_s=30))
     try:
         await one.monitor.check_all()
-        assert not deployment(one, "a").healthy
-        two_a = deployment(two, "a")
-        await until(lambda: not two_a.healthy)
-        assert (
-            two_a.check_error == "reported by another replica: the backend reports it cannot serve"
-        )
-        backend = deployment(one, "a").backend
-        backend.options = msgspec.structs.replace(backend.options, healthy=True)  # type: ignore[attr-defined]
-        await one.monitor.check_all()
-        assert deployment(one, "a").healthy
-        state = one.router_state
-        assert state is not None
-        key = state.key(pool_of(one), deployment(one, "a"), "down")
-        await until_async(lambda: redis.exists([key]), 0)
-        backend = two_a.backend
-        backend.options = msgspec.structs.replace(backend.options, healthy=True)  # type: ignore[attr-defined]
-        await two.monitor.check_all()
-        assert two_a.healthy, "its own check sees it serve, and nothing marks it down again"
-        await asyncio.sleep(0.2)
-        assert two_a.healthy
+        yield one, two
     finally:
         await one.aclose()
         await two.aclose()
+
+
+async def test_a_failed_health_check_is_shared_and_a_recovery_clears_it(
+    sick_pair: tuple[Gateway, Gateway], redis: coredis.Redis[str]
+) -> None:
+    one, two = sick_pair
+    assert not deployment(one, "a").healthy
+    two_a = deployment(two, "a")
+    await until(lambda: not two_a.healthy)
+    assert two_a.check_error == "reported by another replica: the backend reports it cannot serve"
+    backend = deployment(one, "a").backend
+    backend.options = msgspec.structs.replace(backend.options, healthy=True)  # type: ignore[attr-defined]
+    await one.monitor.check_all()
+    assert deployment(one, "a").healthy
+    state = one.router_state
+    assert state is not None
+    key = state.key(pool_of(one), deployment(one, "a"), "down")
+    await until_async(lambda: redis.exists([key]), 0)
+    backend = two_a.backend
+    backend.options = msgspec.structs.replace(backend.options, healthy=True)  # type: ignore[attr-defined]
+    await two.monitor.check_all()
+    assert two_a.healthy, "its own check sees it serve, and nothing marks it down again"
+    await asyncio.sleep(0.2)
+    assert two_a.healthy
 
 
 async def until_async(probe: Any, expected: Any, timeout_s: float = 3.0) -> None:
@@ -165,33 +169,26 @@ def test_router_state_must_be_memory_or_redis() -> None:
 
 
 async def test_a_recovery_is_not_undone_by_a_sync_reading_the_mark_being_deleted(
-    prefix: str, monkeypatch: pytest.MonkeyPatch
+    sick_pair: tuple[Gateway, Gateway], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sick = {"name": "a", "backend": "mock:", "options": {"healthy": False}}
-    cfg = config(prefix, [sick, BACKUP], health_check_interval_s=30)
-    one, two = await replicas(cfg)
-    try:
-        await one.monitor.check_all()
-        state = one.router_state
-        assert state is not None
-        key = state.key(pool_of(one), deployment(one, "a"), "down")
-        await until_async(lambda: state._client.exists([key]), 1)
-        real_delete = state._client.delete
+    one, _ = sick_pair
+    state = one.router_state
+    assert state is not None
+    key = state.key(pool_of(one), deployment(one, "a"), "down")
+    await until_async(lambda: state._client.exists([key]), 1)
+    real_delete = state._client.delete
 
-        async def slow_delete(keys: Any) -> Any:
-            await asyncio.sleep(0.3)
-            return await real_delete(keys)
+    async def slow_delete(keys: Any) -> Any:
+        await asyncio.sleep(0.3)
+        return await real_delete(keys)
 
-        monkeypatch.setattr(state._client, "delete", slow_delete)
-        backend = deployment(one, "a").backend
-        backend.options = msgspec.structs.replace(backend.options, healthy=True)  # type: ignore[attr-defined]
-        await one.monitor.check_all()
-        assert deployment(one, "a").healthy
-        # The deletion is under way: the mark is still in Redis when this sync reads it.
-        assert await state._client.exists([key]) == 1
-        await state.sync()
-        assert deployment(one, "a").healthy, "its own recovery wins over its own stale mark"
-        await until_async(lambda: state._client.exists([key]), 0)
-    finally:
-        await one.aclose()
-        await two.aclose()
+    monkeypatch.setattr(state._client, "delete", slow_delete)
+    backend = deployment(one, "a").backend
+    backend.options = msgspec.structs.replace(backend.options, healthy=True)  # type: ignore[attr-defined]
+    await one.monitor.check_all()
+    assert deployment(one, "a").healthy
+    # The deletion is under way: the mark is still in Redis when this sync reads it.
+    assert await state._client.exists([key]) == 1
+    await state.sync()
+    assert deployment(one, "a").healthy, "its own recovery wins over its own stale mark"
+    await until_async(lambda: state._client.exists([key]), 0)
