@@ -176,7 +176,6 @@ class Sequence:
     deliver: Callable[[Event | BaseException | None], None] = lambda _item: None
     """Called on `loop` with each event, an error, or None after the last."""
     cancelled: threading.Event = field(default_factory=threading.Event)
-    admitted: threading.Event = field(default_factory=threading.Event)
     # engine-thread state
     slot: int = -1
     n_read: int = 0
@@ -196,7 +195,6 @@ class _Slot:
     cache: list[int] = field(default_factory=list)
     """Tokens whose KV entries this sequence id holds, in position order."""
     seq: Sequence | None = None
-    released_at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,7 +442,6 @@ class Engine:
         seq.sampler = _sampler_chain(seq.sampling, self.vocab, self.n_vocab)
         seq.scanner = StopScanner(seq.stops)
         slot.seq = seq
-        seq.admitted.set()
         self._emit(seq, Start(len(seq.prompt), keep))
 
     def _best_prefix(self, seq: Sequence, target: _Slot) -> tuple[int, _Slot | None]:
@@ -476,7 +473,6 @@ class Engine:
             llama_cpp.llama_sampler_free(seq.sampler)
             seq.sampler = None
         slot.seq = None
-        slot.released_at = time.monotonic()
 
     def _step(self) -> None:
         """One decode: next tokens of generating sequences and prompt chunks, then sample."""
