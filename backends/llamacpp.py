@@ -227,18 +227,17 @@ class _Loaded:
                 bos_token=self.model.token_get_text(self.bos) if self.bos != -1 else "",
                 stop_token_ids=[eos],
             )
-            n_ctx = backend.n_ctx or int(self.model.n_ctx_train())
-            self.engine = Engine(self.model, backend.engine_config(n_ctx), name=backend.model_id)
+            self.engine = Engine(self.model, backend.engine_config(), name=backend.model_id)
         except BaseException:
             self.model.close()
             raise
-        self.n_ctx = n_ctx
+        self.n_ctx: int = backend.n_ctx
         log.info(
             "loaded %s in %.2fs (%d slots of %d tokens)",
             backend.model_id,
             time.perf_counter() - started,
             options.slots,
-            n_ctx,
+            self.n_ctx,
         )
 
     def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
@@ -292,17 +291,17 @@ class LlamaCppBackend:
             self.path = Path(spec.target).expanduser()
             if not self.path.is_file():
                 raise ConfigError(f"backend: model file not found: {str(self.path)!r}")
-        self.n_ctx = self.options.n_ctx or spec.model.context_length or 0
         self.context_length: int | None = spec.model.context_length
         try:
             info = read_metadata(self.path)
         except ValueError as exc:
             raise ConfigError(f"backend: {self.path} is not a readable GGUF file: {exc}") from exc
-        per_seq = self.n_ctx or info.context_length or 2048
-        window = min(per_seq, EMBED_WINDOW)
+        self.n_ctx = self.options.n_ctx or spec.model.context_length or info.context_length or 2048
+        """Context of each slot: the option, else the model's window, else the GGUF's."""
+        window = min(self.n_ctx, EMBED_WINDOW)
         # Every slot's context, plus the embedding context made on first use.
         self.footprint = (
-            estimate_footprint(info, per_seq * self.options.slots, self.options.n_batch)
+            estimate_footprint(info, self.n_ctx * self.options.slots, self.options.n_batch)
             + kv_cache_bytes(info, window)
             + compute_buffer_bytes(info, window, window)
         )
@@ -311,7 +310,7 @@ class LlamaCppBackend:
             if self.footprint > memory.limit_bytes:
                 raise ConfigError(
                     f"backend: {self.path.name} needs ~{self.footprint // 2**20} MiB loaded "
-                    f"({self.options.slots} slots of {per_seq} tokens), more than the whole "
+                    f"({self.options.slots} slots of {self.n_ctx} tokens), more than the whole "
                     f"memory.budget_mb ({memory.limit_bytes // 2**20})"
                 )
             memory.register(self)
@@ -322,12 +321,12 @@ class LlamaCppBackend:
         self.fim_tokens: tuple[int, int, int] | None = None
         """The model's fill-in-the-middle tokens (prefix, suffix, middle), known once loaded."""
 
-    def engine_config(self, n_ctx: int) -> EngineConfig:
+    def engine_config(self) -> EngineConfig:
         """The engine's sizing from the options."""
         o = self.options
         return EngineConfig(
             slots=o.slots,
-            n_ctx=n_ctx,
+            n_ctx=self.n_ctx,
             n_batch=o.n_batch,
             n_threads=o.n_threads,
             kv_unified=o.kv_unified,
