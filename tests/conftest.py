@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 import pytest
 from litestar.testing import AsyncTestClient
+from litestar.types import ASGIApp, Receive, Scope, Send
 from sqlalchemy.engine import make_url
 
 from app.config import Config, parse_config
@@ -24,6 +25,19 @@ from tests.services import POSTGRES_URL, require_postgres
 
 MASTER_KEY = "sk-test-master"
 AUTH = {"Authorization": f"Bearer {MASTER_KEY}"}
+
+
+class Peer:
+    """Puts the connection's address into each request's scope, as a server would."""
+
+    def __init__(self, app: ASGIApp, host: str = "127.0.0.1") -> None:
+        self.app = app
+        self.host = host
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":  # type: ignore[comparison-overlap]
+            scope["client"] = (self.host, 40000)
+        await self.app(scope, receive, send)
 
 
 async def until(predicate: Callable[[], Any], timeout_s: float = 3.0) -> None:

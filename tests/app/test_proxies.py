@@ -18,23 +18,10 @@ from app.edge import Edge, forwarded_client
 from app.gateway import Gateway
 from app.server import create_app
 from policies.ip_allowlist import AddressSet
-from tests.conftest import AUTH, MASTER_KEY, make_config
+from tests.conftest import AUTH, MASTER_KEY, Peer, make_config
 from tests.serving import serve
 
 PROXIES = AddressSet(["10.0.0.0/8", "fd00::/8"])
-
-
-class Peer:
-    """Puts the connection's address into each request's scope, as a server would."""
-
-    def __init__(self, app: ASGIApp, host: str) -> None:
-        self.app = app
-        self.host = host
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":  # type: ignore[comparison-overlap]
-            scope["client"] = (self.host, 40000)
-        await self.app(scope, receive, send)
 
 
 def assert_ip_refused(r: Any) -> None:

@@ -11,7 +11,6 @@ from typing import Any
 import msgspec
 import pytest
 from litestar.testing import AsyncTestClient
-from litestar.types import ASGIApp, Receive, Scope, Send
 
 from app.config import Config, DatabaseSettings, IpAllowlist, PolicySettings
 from app.context import RequestContext
@@ -19,7 +18,7 @@ from app.errors import IpNotAllowed, PermissionDenied
 from app.gateway import Gateway
 from app.server import create_app
 from policies.ip_allowlist import AddressSet, IpAllowlistPolicy, parse_address
-from tests.conftest import AUTH, make_config
+from tests.conftest import AUTH, Peer, make_config
 
 CHAT = {"model": "mock", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -90,19 +89,6 @@ async def test_empty_policy_allows_everyone() -> None:
     for address in ("10.0.0.1", "::1", "testclient", ""):
         assert policy.permits(address)
         await policy.check(ctx(address))
-
-
-class Peer:
-    """Puts the connection's address into each request's scope, as a server would."""
-
-    def __init__(self, app: ASGIApp, host: str = "127.0.0.1") -> None:
-        self.app = app
-        self.host = host
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":  # type: ignore[comparison-overlap]
-            scope["client"] = (self.host, 40000)
-        await self.app(scope, receive, send)
 
 
 def allowlisted(api: tuple[str, ...] = (), admin: tuple[str, ...] = (), **server: Any) -> Config:
