@@ -167,7 +167,12 @@ class AuditWriter:
             )
 
     async def aclose(self, timeout_s: float = 10.0) -> None:
-        """Stop accepting rows, write what is queued within `timeout_s`, then stop."""
+        """Stop accepting rows, write what is queued within `timeout_s`, then stop.
+
+        Awaited on the loop the writer runs on: from another loop nothing would wake either
+        one (asyncio is not thread-safe), and the close could wait forever."""
+        if self._task is not None and self._task.get_loop() is not asyncio.get_running_loop():
+            raise RuntimeError("AuditWriter.aclose() awaited on a loop the writer does not run on")
         self._accepting = False
         self._closing.set()
         if self._task is None:

@@ -1,4 +1,4 @@
-"""Shared fixtures: a gateway on mock backends behind Litestar's async test client."""
+"""Shared fixtures: a gateway on mock backends, served on the test's own event loop."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import asyncpg
+import httpx
 import pytest
-from litestar.testing import AsyncTestClient
 from litestar.types import ASGIApp, Receive, Scope, Send
 from sqlalchemy.engine import make_url
 
@@ -25,6 +26,81 @@ from tests.services import POSTGRES_URL, require_postgres
 
 MASTER_KEY = "sk-test-master"
 AUTH = {"Authorization": f"Bearer {MASTER_KEY}"}
+
+
+class AppClient(httpx.AsyncClient):
+    """An HTTP client for an ASGI app served on the test's own event loop, lifespan included.
+
+    Litestar's AsyncTestClient serves the app on a second event loop in a portal thread. A test
+    that also awaits the gateway's objects (audit writer, database, key cache) then drives one
+    loop's futures from another, and asyncio wakes no loop across threads: such a test waited
+    out its timeouts, and on a busy machine hung for good. Here the test and the app share one
+    loop, so a test may await anything the app owns.
+    """
+
+    def __init__(self, app: ASGIApp, *, peer: str = "testclient") -> None:
+        super().__init__(
+            transport=httpx.ASGITransport(app=app, client=(peer, 50000)),  # type: ignore[arg-type]
+            base_url="http://testserver.local",
+        )
+        self.app = app
+        self._lifespan = _Lifespan(app)
+
+    async def __aenter__(self) -> Self:
+        await self._lifespan.startup()
+        try:
+            await super().__aenter__()
+        except BaseException:
+            await self._lifespan.shutdown()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        try:
+            await super().__aexit__(exc_type, exc, traceback)
+        finally:
+            await self._lifespan.shutdown()
+
+
+class _Lifespan:
+    """The ASGI lifespan protocol, spoken to `app` as a server does."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    async def startup(self) -> None:
+        scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+        self._task = asyncio.create_task(
+            self.app(scope, self._inbox.get, self._outbox.put)  # type: ignore[arg-type]
+        )
+        await self._exchange("startup")
+
+    async def shutdown(self) -> None:
+        if self._task is not None and not self._task.done():
+            await self._exchange("shutdown")
+        if self._task is not None:
+            await self._task
+
+    async def _exchange(self, phase: str) -> None:
+        await self._inbox.put({"type": f"lifespan.{phase}"})
+        answer = asyncio.ensure_future(self._outbox.get())
+        assert self._task is not None
+        await asyncio.wait({answer, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        if not answer.done():
+            answer.cancel()
+            self._task.result()  # the app's own error, if it raised one
+            raise RuntimeError(f"the app ended during lifespan {phase}")
+        message = answer.result()
+        if message["type"] != f"lifespan.{phase}.complete":
+            raise RuntimeError(f"lifespan {phase} failed: {message.get('message', '')}")
 
 
 class Peer:
@@ -135,17 +211,17 @@ async def db(database_url: str) -> AsyncIterator[Database]:
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[AsyncTestClient[Any]]:
+async def client() -> AsyncIterator[AppClient]:
     """A started gateway with the default mock models and the master key."""
-    async with AsyncTestClient(app=create_app(Gateway.from_config(make_config()))) as c:  # type: ignore[arg-type]
+    async with AppClient(create_app(Gateway.from_config(make_config()))) as c:
         yield c
 
 
 @pytest.fixture
-def make_client() -> Callable[[Config], AsyncTestClient[Any]]:
+def make_client() -> Callable[[Config], AppClient]:
     """Build a test client for a custom config (use it as an async context manager)."""
 
-    def build(config: Config) -> AsyncTestClient[Any]:
-        return AsyncTestClient(app=create_app(Gateway.from_config(config)))  # type: ignore[arg-type]
+    def build(config: Config) -> AppClient:
+        return AppClient(create_app(Gateway.from_config(config)))
 
     return build

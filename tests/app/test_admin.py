@@ -8,26 +8,25 @@ from typing import Any
 
 import httpx
 import pytest
-from litestar.testing import AsyncTestClient
 from sqlalchemy import select
 
 from app.gateway import Gateway
 from app.server import create_app
 from app.storage.schema import ApiKey, AuditRecord
-from tests.conftest import AUTH, MASTER_KEY, away_from_minute_boundary, make_config
+from tests.conftest import AUTH, MASTER_KEY, AppClient, away_from_minute_boundary, make_config
 from tests.serving import serve
 
 CHAT = {"model": "mock", "messages": [{"role": "user", "content": "hello there"}]}
 
 
 @pytest.fixture
-async def gateway_client() -> AsyncIterator[tuple[Gateway, AsyncTestClient[Any]]]:
+async def gateway_client() -> AsyncIterator[tuple[Gateway, AppClient]]:
     gateway = Gateway.from_config(make_config())
-    async with AsyncTestClient(app=create_app(gateway)) as client:  # type: ignore[arg-type]
+    async with AppClient(create_app(gateway)) as client:
         yield gateway, client
 
 
-async def new_key(client: AsyncTestClient[Any], **fields: Any) -> dict[str, Any]:
+async def new_key(client: AppClient, **fields: Any) -> dict[str, Any]:
     r = await client.post("/admin/keys", json={"name": "test", **fields}, headers=AUTH)
     assert r.status_code == 201, r.text
     body: dict[str, Any] = r.json()

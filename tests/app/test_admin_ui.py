@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from litestar.testing import AsyncTestClient
 from sqlalchemy import insert
 
 from app.admin_ui import ASSETS, PAGE
@@ -23,7 +22,7 @@ from app.gateway import Gateway
 from app.server import create_app
 from app.storage.database import Database
 from app.storage.schema import AuditRecord
-from tests.conftest import AUTH, MASTER_KEY
+from tests.conftest import AUTH, MASTER_KEY, AppClient
 
 ROOT = Path(__file__).resolve().parents[2]
 CHAT = {"model": "mock", "messages": [{"role": "user", "content": "hello there"}]}
@@ -41,16 +40,16 @@ def at(text: str) -> datetime:
     return datetime.fromisoformat(f"2024-05-01T{text}+00:00")
 
 
-async def gateway_on(url: str) -> tuple[Gateway, AsyncTestClient[Any]]:
+async def gateway_on(url: str) -> tuple[Gateway, AppClient]:
     config = parse_config(
         {"auth": {"api_key": MASTER_KEY}, "database": {"url": url}, "models": MODELS}
     )
     gateway = Gateway.from_config(config)
-    return gateway, AsyncTestClient(app=create_app(gateway))  # type: ignore[arg-type]
+    return gateway, AppClient(create_app(gateway))
 
 
 @pytest.fixture
-async def memory_client() -> AsyncIterator[tuple[Gateway, AsyncTestClient[Any]]]:
+async def memory_client() -> AsyncIterator[tuple[Gateway, AppClient]]:
     gateway, client = await gateway_on("sqlite+aiosqlite://")
     async with client:
         yield gateway, client
@@ -70,7 +69,7 @@ ROWS = [
 
 
 @pytest.fixture
-async def seeded(database_url: str) -> AsyncIterator[AsyncTestClient[Any]]:
+async def seeded(database_url: str) -> AsyncIterator[AppClient]:
     """A gateway on each database, its audit log holding `ROWS`."""
     _, client = await gateway_on(database_url)
     async with client:  # started: the schema is there
@@ -107,7 +106,7 @@ async def seeded(database_url: str) -> AsyncIterator[AsyncTestClient[Any]]:
 
 
 async def test_page_is_served_without_auth_and_with_strict_headers(
-    memory_client: tuple[Gateway, AsyncTestClient[Any]],
+    memory_client: tuple[Gateway, AppClient],
 ) -> None:
     _, client = memory_client
     for path in ("/admin/ui", "/admin/ui/"):
@@ -139,7 +138,7 @@ async def test_page_is_served_without_auth_and_with_strict_headers(
 
 
 async def test_the_pages_files_are_served_with_the_same_headers(
-    memory_client: tuple[Gateway, AsyncTestClient[Any]],
+    memory_client: tuple[Gateway, AppClient],
 ) -> None:
     _, client = memory_client
     for name, media_type in ASSETS.items():
@@ -181,7 +180,7 @@ def test_the_pages_files_ship_in_the_package() -> None:
 
 @pytest.mark.parametrize("path", ["/admin/usage/series", "/admin/errors"])
 async def test_the_dashboards_data_needs_the_master_key(
-    memory_client: tuple[Gateway, AsyncTestClient[Any]], path: str
+    memory_client: tuple[Gateway, AppClient], path: str
 ) -> None:
     _, client = memory_client
     r = await client.post("/admin/keys", json={"name": "app"}, headers=AUTH)
@@ -214,7 +213,7 @@ SPAN = "since=2024-05-01T10:20:00Z&until=2024-05-01T14:00:00Z"
 
 
 async def test_series_buckets_api_requests_per_key_and_model(
-    seeded: AsyncTestClient[Any],
+    seeded: AppClient,
 ) -> None:
     r = await seeded.get(f"/admin/usage/series?{SPAN}&bucket=1h", headers=AUTH)
     assert r.status_code == 200, r.text
@@ -231,7 +230,7 @@ async def test_series_buckets_api_requests_per_key_and_model(
     ]
 
 
-async def test_series_by_model_in_half_hours(seeded: AsyncTestClient[Any]) -> None:
+async def test_series_by_model_in_half_hours(seeded: AppClient) -> None:
     r = await seeded.get(f"/admin/usage/series?{SPAN}&bucket=30m&group_by=model", headers=AUTH)
     assert r.status_code == 200, r.text
     body = r.json()
@@ -265,7 +264,7 @@ async def test_series_by_model_in_half_hours(seeded: AsyncTestClient[Any]) -> No
     ],
 )
 async def test_bad_series_queries_are_400s_naming_the_parameter(
-    memory_client: tuple[Gateway, AsyncTestClient[Any]], query: str, param: str
+    memory_client: tuple[Gateway, AppClient], query: str, param: str
 ) -> None:
     _, client = memory_client
     r = await client.get(f"/admin/usage/series?{query}", headers=AUTH)
@@ -284,7 +283,7 @@ async def test_usage_series_refuses_a_fractional_bucket(db: Database) -> None:
         await usage_series(db, since=now, until=now, bucket=timedelta(hours=1), group_by=["route"])  # type: ignore[list-item]
 
 
-async def test_errors_lists_failed_requests_newest_first(seeded: AsyncTestClient[Any]) -> None:
+async def test_errors_lists_failed_requests_newest_first(seeded: AppClient) -> None:
     r = await seeded.get("/admin/errors", headers=AUTH)
     assert r.status_code == 200, r.text
     rows = r.json()["data"]
@@ -313,7 +312,7 @@ async def test_errors_lists_failed_requests_newest_first(seeded: AsyncTestClient
 
 @pytest.mark.parametrize("limit", ["0", "-1", "1001", "ten", "2.5", "\u00b2"])
 async def test_bad_error_limits_are_400s(
-    memory_client: tuple[Gateway, AsyncTestClient[Any]], limit: str
+    memory_client: tuple[Gateway, AppClient], limit: str
 ) -> None:
     _, client = memory_client
     r = await client.get(f"/admin/errors?limit={limit}", headers=AUTH)
@@ -322,7 +321,7 @@ async def test_bad_error_limits_are_400s(
 
 
 async def test_live_requests_reach_the_series_and_the_errors(
-    memory_client: tuple[Gateway, AsyncTestClient[Any]],
+    memory_client: tuple[Gateway, AppClient],
 ) -> None:
     gateway, client = memory_client
     created = (await client.post("/admin/keys", json={"name": "live"}, headers=AUTH)).json()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import threading
 import time
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -211,6 +212,31 @@ async def test_close_flushes_the_queue(db: Database) -> None:
     await writer.aclose()
     assert await count(db) == 100
     assert writer.queue_depth == 0
+
+
+async def test_close_from_another_event_loop_is_refused_at_once() -> None:
+    """The writer's futures belong to its own loop: a close from another loop would wait for
+    wakeups that never cross threads (a test hung so for minutes), so it is refused."""
+    other = asyncio.new_event_loop()
+    thread = threading.Thread(target=other.run_forever, daemon=True)
+    thread.start()
+    db = Database("sqlite+aiosqlite://")
+    writer = AuditWriter(db)
+
+    async def start() -> None:
+        writer.start()
+
+    try:
+        asyncio.run_coroutine_threadsafe(start(), other).result(timeout=5)
+        with pytest.raises(RuntimeError, match="loop the writer does not run on"):
+            await writer.aclose(timeout_s=0.1)
+        asyncio.run_coroutine_threadsafe(writer.aclose(), other).result(timeout=5)
+        assert writer.dropped == 0
+    finally:
+        other.call_soon_threadsafe(other.stop)
+        thread.join(timeout=5)
+        other.close()
+        await db.aclose()
 
 
 async def test_close_gives_up_at_the_deadline_and_counts_the_loss(

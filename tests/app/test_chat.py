@@ -6,9 +6,8 @@ import json
 from typing import Any
 
 import pytest
-from litestar.testing import AsyncTestClient
 
-from tests.conftest import AUTH, make_config
+from tests.conftest import AUTH, AppClient, make_config
 
 
 def chat(**extra: Any) -> dict[str, Any]:
@@ -31,7 +30,7 @@ def sse_events(text: str) -> list[Any]:
     return events
 
 
-async def test_non_streamed_reply(client: AsyncTestClient[Any]) -> None:
+async def test_non_streamed_reply(client: AppClient) -> None:
     r = await client.post("/v1/chat/completions", json=chat(), headers=AUTH)
     assert r.status_code == 200
     body = r.json()
@@ -49,13 +48,13 @@ async def test_non_streamed_reply(client: AsyncTestClient[Any]) -> None:
     assert r.headers["x-request-id"].startswith("req_")
 
 
-async def test_alias_resolves_to_public_id(client: AsyncTestClient[Any]) -> None:
+async def test_alias_resolves_to_public_id(client: AppClient) -> None:
     r = await client.post("/v1/chat/completions", json=chat(model="gpt-4o-mini"), headers=AUTH)
     assert r.status_code == 200
     assert r.json()["model"] == "mock"
 
 
-async def test_stream_is_sse_with_done(client: AsyncTestClient[Any]) -> None:
+async def test_stream_is_sse_with_done(client: AppClient) -> None:
     r = await client.post("/v1/chat/completions", json=chat(stream=True), headers=AUTH)
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/event-stream")
@@ -70,7 +69,7 @@ async def test_stream_is_sse_with_done(client: AsyncTestClient[Any]) -> None:
     assert len({c["id"] for c in chunks}) == 1
 
 
-async def test_stream_include_usage_adds_final_usage_chunk(client: AsyncTestClient[Any]) -> None:
+async def test_stream_include_usage_adds_final_usage_chunk(client: AppClient) -> None:
     r = await client.post(
         "/v1/chat/completions",
         json=chat(stream=True, stream_options={"include_usage": True}),
@@ -81,7 +80,7 @@ async def test_stream_include_usage_adds_final_usage_chunk(client: AsyncTestClie
     assert chunks[-1]["usage"]["completion_tokens"] == 4
 
 
-async def test_stream_options_accepted_without_stream(client: AsyncTestClient[Any]) -> None:
+async def test_stream_options_accepted_without_stream(client: AppClient) -> None:
     r = await client.post(
         "/v1/chat/completions", json=chat(stream_options={"include_usage": True}), headers=AUTH
     )
@@ -90,7 +89,7 @@ async def test_stream_options_accepted_without_stream(client: AsyncTestClient[An
 
 
 @pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
-async def test_length_limit(client: AsyncTestClient[Any], field: str) -> None:
+async def test_length_limit(client: AppClient, field: str) -> None:
     r = await client.post(
         "/v1/chat/completions", json=chat(model="fixed", **{field: 2}), headers=AUTH
     )
@@ -99,7 +98,7 @@ async def test_length_limit(client: AsyncTestClient[Any], field: str) -> None:
     assert choice["finish_reason"] == "length"
 
 
-async def test_stop_sequence(client: AsyncTestClient[Any]) -> None:
+async def test_stop_sequence(client: AppClient) -> None:
     r = await client.post(
         "/v1/chat/completions", json=chat(model="fixed", stop=["three"]), headers=AUTH
     )
@@ -124,7 +123,7 @@ async def test_model_default_params_apply(make_client: Any) -> None:
         assert r.json()["choices"][0]["message"]["content"] == "a b c "
 
 
-async def test_logprobs(client: AsyncTestClient[Any]) -> None:
+async def test_logprobs(client: AppClient) -> None:
     r = await client.post(
         "/v1/chat/completions", json=chat(logprobs=True, top_logprobs=1), headers=AUTH
     )
@@ -133,13 +132,13 @@ async def test_logprobs(client: AsyncTestClient[Any]) -> None:
     assert all(len(c["top_logprobs"]) == 1 for c in content)
 
 
-async def test_top_logprobs_needs_logprobs(client: AsyncTestClient[Any]) -> None:
+async def test_top_logprobs_needs_logprobs(client: AppClient) -> None:
     r = await client.post("/v1/chat/completions", json=chat(top_logprobs=2), headers=AUTH)
     assert r.status_code == 400
     assert r.json()["error"]["param"] == "top_logprobs"
 
 
-async def test_common_extras_are_accepted(client: AsyncTestClient[Any]) -> None:
+async def test_common_extras_are_accepted(client: AppClient) -> None:
     body = chat(
         messages=[
             {"role": "developer", "content": "be brief"},
@@ -165,7 +164,7 @@ async def test_common_extras_are_accepted(client: AsyncTestClient[Any]) -> None:
     assert r.json()["choices"][0]["message"]["content"] == "You said: hello parts"
 
 
-async def test_n_above_one_is_a_clear_400(client: AsyncTestClient[Any]) -> None:
+async def test_n_above_one_is_a_clear_400(client: AppClient) -> None:
     r = await client.post("/v1/chat/completions", json=chat(n=2), headers=AUTH)
     assert r.status_code == 400
     error = r.json()["error"]
@@ -206,7 +205,7 @@ async def test_n_above_one_is_a_clear_400(client: AsyncTestClient[Any]) -> None:
     ],
 )
 async def test_bad_input_is_400_naming_param(
-    client: AsyncTestClient[Any], body: dict[str, Any], param: str
+    client: AppClient, body: dict[str, Any], param: str
 ) -> None:
     r = await client.post("/v1/chat/completions", json=body, headers=AUTH)
     assert r.status_code == 400, r.text
@@ -218,7 +217,7 @@ async def test_bad_input_is_400_naming_param(
 
 
 @pytest.mark.parametrize("raw", [b"{not json", b"", b"[1, 2]", b'"text"', b"\xff\xfe"])
-async def test_malformed_bodies_are_400(client: AsyncTestClient[Any], raw: bytes) -> None:
+async def test_malformed_bodies_are_400(client: AppClient, raw: bytes) -> None:
     r = await client.post(
         "/v1/chat/completions", content=raw, headers={**AUTH, "content-type": "application/json"}
     )
@@ -226,14 +225,14 @@ async def test_malformed_bodies_are_400(client: AsyncTestClient[Any], raw: bytes
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
-async def test_unknown_model_is_404(client: AsyncTestClient[Any]) -> None:
+async def test_unknown_model_is_404(client: AppClient) -> None:
     r = await client.post("/v1/chat/completions", json=chat(model="nope"), headers=AUTH)
     assert r.status_code == 404
     assert r.json()["error"]["code"] == "model_not_found"
     assert r.json()["error"]["param"] == "model"
 
 
-async def test_tools_unsupported_by_backend_is_400(client: AsyncTestClient[Any]) -> None:
+async def test_tools_unsupported_by_backend_is_400(client: AppClient) -> None:
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     r = await client.post("/v1/chat/completions", json=chat(tools=tools), headers=AUTH)
     assert r.status_code == 400
@@ -272,7 +271,7 @@ async def test_malformed_tools_are_400(make_client: Any, extra: dict[str, Any], 
         assert error["type"] == "invalid_request_error"
 
 
-async def test_images_unsupported_by_backend_is_400(client: AsyncTestClient[Any]) -> None:
+async def test_images_unsupported_by_backend_is_400(client: AppClient) -> None:
     content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
     r = await client.post(
         "/v1/chat/completions",
@@ -284,7 +283,7 @@ async def test_images_unsupported_by_backend_is_400(client: AsyncTestClient[Any]
 
 
 async def test_failure_after_first_byte_is_error_event_then_done(
-    client: AsyncTestClient[Any],
+    client: AppClient,
 ) -> None:
     r = await client.post(
         "/v1/chat/completions", json=chat(model="broken", stream=True), headers=AUTH
@@ -298,7 +297,7 @@ async def test_failure_after_first_byte_is_error_event_then_done(
     assert "delta" in events[-3]["choices"][0]
 
 
-async def test_failure_before_first_byte_is_a_status(client: AsyncTestClient[Any]) -> None:
+async def test_failure_before_first_byte_is_a_status(client: AppClient) -> None:
     r = await client.post("/v1/chat/completions", json=chat(model="broken"), headers=AUTH)
     assert r.status_code == 502
     assert r.json()["error"]["code"] == "upstream_error"

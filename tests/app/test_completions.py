@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from litestar.testing import AsyncTestClient
 
 from tests.app.test_chat import sse_events
-from tests.conftest import AUTH
+from tests.conftest import AUTH, AppClient
 
 
-async def test_string_prompt(client: AsyncTestClient[Any]) -> None:
+async def test_string_prompt(client: AppClient) -> None:
     r = await client.post("/v1/completions", json={"model": "fixed", "prompt": "hi"}, headers=AUTH)
     assert r.status_code == 200
     body = r.json()
@@ -22,7 +21,7 @@ async def test_string_prompt(client: AsyncTestClient[Any]) -> None:
     assert body["usage"]["completion_tokens"] == 5
 
 
-async def test_default_max_tokens_is_16(client: AsyncTestClient[Any]) -> None:
+async def test_default_max_tokens_is_16(client: AppClient) -> None:
     long_prompt = " ".join(["w"] * 40)
     r = await client.post(
         "/v1/completions", json={"model": "mock", "prompt": long_prompt}, headers=AUTH
@@ -32,7 +31,7 @@ async def test_default_max_tokens_is_16(client: AsyncTestClient[Any]) -> None:
     assert r.json()["usage"]["completion_tokens"] == 16
 
 
-async def test_list_of_prompts_gives_a_choice_each(client: AsyncTestClient[Any]) -> None:
+async def test_list_of_prompts_gives_a_choice_each(client: AppClient) -> None:
     r = await client.post(
         "/v1/completions", json={"model": "mock", "prompt": ["a", "b c"]}, headers=AUTH
     )
@@ -41,7 +40,7 @@ async def test_list_of_prompts_gives_a_choice_each(client: AsyncTestClient[Any])
     assert [c["text"] for c in choices] == ["You said: a", "You said: b c"]
 
 
-async def test_echo_and_logprobs(client: AsyncTestClient[Any]) -> None:
+async def test_echo_and_logprobs(client: AppClient) -> None:
     r = await client.post(
         "/v1/completions",
         json={"model": "fixed", "prompt": "P: ", "echo": True, "logprobs": 1, "max_tokens": 2},
@@ -53,7 +52,7 @@ async def test_echo_and_logprobs(client: AsyncTestClient[Any]) -> None:
     assert choice["logprobs"]["text_offset"] == [3, 7]
 
 
-async def test_stream(client: AsyncTestClient[Any]) -> None:
+async def test_stream(client: AppClient) -> None:
     r = await client.post(
         "/v1/completions",
         json={
@@ -76,7 +75,7 @@ async def test_stream(client: AsyncTestClient[Any]) -> None:
     ("prompt", "stream"),
     [([], False), ([1, "a"], False), ([[1], []], False), ({"a": 1}, False), (["a", "b"], True)],
 )
-async def test_bad_prompts(client: AsyncTestClient[Any], prompt: Any, stream: bool) -> None:
+async def test_bad_prompts(client: AppClient, prompt: Any, stream: bool) -> None:
     r = await client.post(
         "/v1/completions", json={"model": "mock", "prompt": prompt, "stream": stream}, headers=AUTH
     )
@@ -84,7 +83,7 @@ async def test_bad_prompts(client: AsyncTestClient[Any], prompt: Any, stream: bo
     assert r.json()["error"]["param"] == "prompt"
 
 
-async def test_missing_prompt(client: AsyncTestClient[Any]) -> None:
+async def test_missing_prompt(client: AppClient) -> None:
     r = await client.post("/v1/completions", json={"model": "mock"}, headers=AUTH)
     assert r.status_code == 400
     assert r.json()["error"]["param"] == "prompt"

@@ -7,18 +7,15 @@ import json
 from typing import Any
 
 import msgspec
-from litestar.testing import AsyncTestClient
 
 from app.gateway import Gateway
 from app.server import create_app
-from tests.conftest import AUTH, make_config
+from tests.conftest import AUTH, AppClient, make_config
 
 
-def client_for(
-    models: list[dict[str, Any]], gateway: Gateway | None = None
-) -> AsyncTestClient[Any]:
+def client_for(models: list[dict[str, Any]], gateway: Gateway | None = None) -> AppClient:
     gateway = gateway or Gateway.from_config(make_config(models))
-    return AsyncTestClient(app=create_app(gateway))  # type: ignore[arg-type]
+    return AppClient(create_app(gateway))
 
 
 def failing(kind: str, name: str, **extra: Any) -> dict[str, Any]:
@@ -49,7 +46,7 @@ def streamed_text(text: str) -> str:
     )
 
 
-async def backends(client: AsyncTestClient[Any]) -> dict[str, dict[str, Any]]:
+async def backends(client: AppClient) -> dict[str, dict[str, Any]]:
     r = await client.get("/admin/backends", headers=AUTH)
     assert r.status_code == 200
     return {
@@ -277,7 +274,7 @@ async def test_a_health_check_that_hangs_fails() -> None:
         assert state["m/a"]["check_error"] == "no answer within 0.05s"
 
 
-async def test_admin_backends_needs_the_master_key(client: AsyncTestClient[Any]) -> None:
+async def test_admin_backends_needs_the_master_key(client: AppClient) -> None:
     r = await client.get("/admin/backends")
     assert r.status_code == 401
     r = await client.get("/admin/backends", headers=AUTH)

@@ -9,12 +9,11 @@ from typing import Any
 import msgspec
 import pytest
 import respx
-from litestar.testing import AsyncTestClient
 
 from app.fim import completion_request
 from app.protocol import FimCompletionRequest, StreamOptions
 from tests.app.test_chat import sse_events
-from tests.conftest import AUTH, make_config
+from tests.conftest import AUTH, AppClient, make_config
 
 UPSTREAM = "http://upstream.test/v1"
 PROMPT = "def add(a, b):"
@@ -22,7 +21,7 @@ SUFFIX = "return c"
 FILLED = "You said: def add(a, b): before: return c"
 
 
-async def fim(client: AsyncTestClient[Any], path: str = "/v1/fim/completions", **body: Any) -> Any:
+async def fim(client: AppClient, path: str = "/v1/fim/completions", **body: Any) -> Any:
     body = {"model": "mock", "prompt": PROMPT, "suffix": SUFFIX, **body}
     r = await client.post(path, json=body, headers=AUTH)
     assert r.status_code == 200, r.text
@@ -33,7 +32,7 @@ def content(events: list[Any]) -> str:
     return "".join(e["choices"][0]["delta"].get("content", "") for e in events)
 
 
-async def test_answer_is_chat_completion_shaped(client: AsyncTestClient[Any]) -> None:
+async def test_answer_is_chat_completion_shaped(client: AppClient) -> None:
     body = (await fim(client)).json()
     assert body["object"] == "chat.completion"
     assert body["model"] == "mock"
@@ -47,17 +46,17 @@ async def test_answer_is_chat_completion_shaped(client: AsyncTestClient[Any]) ->
     assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13}
 
 
-async def test_without_suffix_it_is_a_plain_completion(client: AsyncTestClient[Any]) -> None:
+async def test_without_suffix_it_is_a_plain_completion(client: AppClient) -> None:
     body = (await fim(client, suffix=None)).json()
     assert body["choices"][0]["message"]["content"] == f"You said: {PROMPT}"
 
 
-async def test_unversioned_path(client: AsyncTestClient[Any]) -> None:
+async def test_unversioned_path(client: AppClient) -> None:
     body = (await fim(client, path="/fim/completions")).json()
     assert body["choices"][0]["message"]["content"] == FILLED
 
 
-async def test_stream_is_chat_chunks_with_usage_on_the_last(client: AsyncTestClient[Any]) -> None:
+async def test_stream_is_chat_chunks_with_usage_on_the_last(client: AppClient) -> None:
     r = await fim(client, stream=True)
     assert r.headers["content-type"].startswith("text/event-stream")
     events = sse_events(r.text)
@@ -76,7 +75,7 @@ async def test_stream_is_chat_chunks_with_usage_on_the_last(client: AsyncTestCli
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_stop_is_honoured(client: AsyncTestClient[Any], stream: bool) -> None:
+async def test_stop_is_honoured(client: AppClient, stream: bool) -> None:
     r = await fim(client, stop=["before"], stream=stream)
     if stream:
         chunks = sse_events(r.text)[:-1]
@@ -90,9 +89,7 @@ async def test_stop_is_honoured(client: AsyncTestClient[Any], stream: bool) -> N
 
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
-async def test_max_tokens_is_honoured(
-    client: AsyncTestClient[Any], stream: bool, field: str
-) -> None:
+async def test_max_tokens_is_honoured(client: AppClient, stream: bool, field: str) -> None:
     r = await fim(client, stream=stream, **{field: 3})
     if stream:
         chunks = sse_events(r.text)[:-1]
@@ -110,7 +107,7 @@ async def test_max_tokens_is_honoured(
     assert usage["completion_tokens"] == 3
 
 
-async def test_failure_mid_stream_is_an_error_event(client: AsyncTestClient[Any]) -> None:
+async def test_failure_mid_stream_is_an_error_event(client: AppClient) -> None:
     r = await fim(client, model="broken", stream=True)
     events = sse_events(r.text)
     assert events[-1] == "[DONE]"
@@ -161,7 +158,7 @@ def test_mistral_fields_map_onto_a_completion() -> None:
     ],
 )
 async def test_bad_request_is_400_naming_the_field(
-    client: AsyncTestClient[Any], change: dict[str, Any], param: str
+    client: AppClient, change: dict[str, Any], param: str
 ) -> None:
     body = {"model": "mock", "prompt": "p", **change}
     body = {k: v for k, v in body.items() if v is not None}
@@ -170,12 +167,12 @@ async def test_bad_request_is_400_naming_the_field(
     assert r.json()["error"]["param"] == param
 
 
-async def test_missing_key_is_401(client: AsyncTestClient[Any]) -> None:
+async def test_missing_key_is_401(client: AppClient) -> None:
     r = await client.post("/v1/fim/completions", json={"model": "mock", "prompt": "p"})
     assert r.status_code == 401
 
 
-async def test_unknown_model_is_404(client: AsyncTestClient[Any]) -> None:
+async def test_unknown_model_is_404(client: AppClient) -> None:
     r = await client.post(
         "/v1/fim/completions", json={"model": "nope", "prompt": "p"}, headers=AUTH
     )

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from litestar.testing import AsyncTestClient
-
 from app.gateway import Gateway
 from app.server import create_app
-from tests.conftest import make_config
+from tests.conftest import AppClient, make_config
 
 
-async def test_health_needs_no_auth(client: AsyncTestClient[Any]) -> None:
+async def test_health_needs_no_auth(client: AppClient) -> None:
     r = await client.get("/health")
     assert r.status_code == 200
     assert r.json() == {"status": "ok"}
 
 
-async def test_ready_after_start(client: AsyncTestClient[Any]) -> None:
+async def test_ready_after_start(client: AppClient) -> None:
     r = await client.get("/ready")
     assert r.status_code == 200
     assert r.json()["models"] == ["mock", "fixed", "broken"]
@@ -25,7 +21,7 @@ async def test_ready_after_start(client: AsyncTestClient[Any]) -> None:
 
 async def test_not_ready_is_503_with_retry_after() -> None:
     gateway = Gateway.from_config(make_config())
-    async with AsyncTestClient(app=create_app(gateway)) as c:  # type: ignore[arg-type]
+    async with AppClient(create_app(gateway)) as c:
         gateway.models[1].ready = False
         r = await c.get("/ready")
         assert r.status_code == 503
@@ -35,7 +31,7 @@ async def test_not_ready_is_503_with_retry_after() -> None:
 
 async def test_retry_after_also_in_milliseconds() -> None:
     gateway = Gateway.from_config(make_config())
-    async with AsyncTestClient(app=create_app(gateway)) as c:  # type: ignore[arg-type]
+    async with AppClient(create_app(gateway)) as c:
         gateway.models[0].ready = False
         r = await c.get("/ready")
         assert r.headers["retry-after-ms"] == "1000"

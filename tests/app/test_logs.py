@@ -16,7 +16,6 @@ from typing import Any
 
 import httpx
 import pytest
-from litestar.testing import AsyncTestClient
 
 from app.accounting import Exchange
 from app.config import Config, ConfigError, parse_config
@@ -29,7 +28,7 @@ from app.logs import (
     log_access,
     setup_logging,
 )
-from tests.conftest import AUTH, MASTER_KEY
+from tests.conftest import AUTH, MASTER_KEY, AppClient
 from tests.services import REDIS_URL, require_redis
 from tests.serving import serve
 
@@ -101,7 +100,7 @@ def access(path: Path) -> list[dict[str, Any]]:
     return [r for r in records(path) if r["logger"] == ACCESS_LOGGER]
 
 
-ClientFactory = Callable[[Config], AsyncTestClient[Any]]
+ClientFactory = Callable[[Config], AppClient]
 
 
 # ---- JSON lines and the request id

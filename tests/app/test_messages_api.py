@@ -8,7 +8,6 @@ from typing import Any
 
 import msgspec
 import pytest
-from litestar.testing import AsyncTestClient
 
 from app.errors import (
     AuthenticationFailed,
@@ -52,7 +51,7 @@ from app.protocol import (
     Usage,
 )
 from app.wire_errors import anthropic_error_event
-from tests.conftest import MASTER_KEY, away_from_minute_boundary, make_config
+from tests.conftest import MASTER_KEY, AppClient, away_from_minute_boundary, make_config
 
 KEY = {"x-api-key": MASTER_KEY, "anthropic-version": "2023-06-01"}
 WEATHER_TOOL = {
@@ -567,13 +566,13 @@ def models(**extra: dict[str, Any]) -> list[dict[str, Any]]:
 
 @pytest.fixture
 async def client(
-    make_client: Callable[..., AsyncTestClient[Any]],
-) -> AsyncIterator[AsyncTestClient[Any]]:
+    make_client: Callable[..., AppClient],
+) -> AsyncIterator[AppClient]:
     async with make_client(make_config(models())) as c:
         yield c
 
 
-async def test_message(client: AsyncTestClient[Any]) -> None:
+async def test_message(client: AppClient) -> None:
     r = await client.post("/v1/messages", json=body(), headers=KEY)
     assert r.status_code == 200, r.text
     message = r.json()
@@ -586,20 +585,20 @@ async def test_message(client: AsyncTestClient[Any]) -> None:
     assert r.headers["x-request-id"].startswith("req_")
 
 
-async def test_alias_and_bearer_key(client: AsyncTestClient[Any]) -> None:
+async def test_alias_and_bearer_key(client: AppClient) -> None:
     auth = {"authorization": f"Bearer {MASTER_KEY}"}
     r = await client.post("/v1/messages", json=body(model="claude-sonnet-4-5"), headers=auth)
     assert r.status_code == 200, r.text
     assert r.json()["model"] == "mock"
 
 
-async def test_max_tokens_limits_the_answer(client: AsyncTestClient[Any]) -> None:
+async def test_max_tokens_limits_the_answer(client: AppClient) -> None:
     r = await client.post("/v1/messages", json=body(max_tokens=2), headers=KEY)
     assert r.json()["content"] == [{"type": "text", "text": "You said: "}]
     assert r.json()["stop_reason"] == "max_tokens"
 
 
-async def test_stream(client: AsyncTestClient[Any]) -> None:
+async def test_stream(client: AppClient) -> None:
     r = await client.post("/v1/messages", json=body(stream=True), headers=KEY)
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/event-stream")
@@ -614,7 +613,7 @@ async def test_stream(client: AsyncTestClient[Any]) -> None:
     assert events[-2][1]["usage"] == {"output_tokens": 4, "input_tokens": 2}
 
 
-async def test_tool_use_round_trip(client: AsyncTestClient[Any]) -> None:
+async def test_tool_use_round_trip(client: AppClient) -> None:
     first = body(
         model="tools", tools=[WEATHER_TOOL], messages=[{"role": "user", "content": "Paris?"}]
     )
@@ -641,7 +640,7 @@ async def test_tool_use_round_trip(client: AsyncTestClient[Any]) -> None:
     assert r.json()["stop_reason"] == "end_turn"
 
 
-async def test_stream_tool_use(client: AsyncTestClient[Any]) -> None:
+async def test_stream_tool_use(client: AppClient) -> None:
     r = await client.post(
         "/v1/messages", json=body(model="tools", tools=[WEATHER_TOOL], stream=True), headers=KEY
     )
@@ -656,17 +655,17 @@ async def test_stream_tool_use(client: AsyncTestClient[Any]) -> None:
 
 
 @pytest.mark.parametrize("headers", [{}, {"x-api-key": "sk-wrong"}])
-async def test_authentication_error(client: AsyncTestClient[Any], headers: dict[str, str]) -> None:
+async def test_authentication_error(client: AppClient, headers: dict[str, str]) -> None:
     r = await client.post("/v1/messages", json=body(), headers=headers)
     assert_anthropic_error(r, 401, "authentication_error")
 
 
-async def test_unknown_model(client: AsyncTestClient[Any]) -> None:
+async def test_unknown_model(client: AppClient) -> None:
     r = await client.post("/v1/messages", json=body(model="claude-nope"), headers=KEY)
     assert "claude-nope" in assert_anthropic_error(r, 404, "not_found_error")
 
 
-async def test_max_tokens_is_required(client: AsyncTestClient[Any]) -> None:
+async def test_max_tokens_is_required(client: AppClient) -> None:
     payload = body()
     del payload["max_tokens"]
     r = await client.post("/v1/messages", json=payload, headers=KEY)
@@ -683,18 +682,18 @@ async def test_max_tokens_is_required(client: AsyncTestClient[Any]) -> None:
     ],
 )
 async def test_malformed_fields_are_named(
-    client: AsyncTestClient[Any], fields: dict[str, Any], named: str
+    client: AppClient, fields: dict[str, Any], named: str
 ) -> None:
     r = await client.post("/v1/messages", json=body(**fields), headers=KEY)
     assert named in assert_anthropic_error(r, 400, "invalid_request_error")
 
 
-async def test_invalid_json_body(client: AsyncTestClient[Any]) -> None:
+async def test_invalid_json_body(client: AppClient) -> None:
     r = await client.post("/v1/messages", content=b"{nope", headers=KEY)
     assert_anthropic_error(r, 400, "invalid_request_error")
 
 
-async def test_unknown_fields_and_beta_headers_are_accepted(client: AsyncTestClient[Any]) -> None:
+async def test_unknown_fields_and_beta_headers_are_accepted(client: AppClient) -> None:
     text = {"type": "text", "text": "hello there", "cache_control": {"type": "ephemeral"}}
     r = await client.post(
         "/v1/messages?beta=true",  # as Claude Code calls it
@@ -710,7 +709,7 @@ async def test_unknown_fields_and_beta_headers_are_accepted(client: AsyncTestCli
     assert r.json()["content"][0]["text"] == "You said: hello there"
 
 
-async def test_images_on_a_model_without_vision(client: AsyncTestClient[Any]) -> None:
+async def test_images_on_a_model_without_vision(client: AppClient) -> None:
     image = {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}
     r = await client.post(
         "/v1/messages", json=body(messages=[{"role": "user", "content": [image]}]), headers=KEY
@@ -718,7 +717,7 @@ async def test_images_on_a_model_without_vision(client: AsyncTestClient[Any]) ->
     assert "images" in assert_anthropic_error(r, 400, "invalid_request_error")
 
 
-async def test_mid_stream_failure_is_an_error_event(client: AsyncTestClient[Any]) -> None:
+async def test_mid_stream_failure_is_an_error_event(client: AppClient) -> None:
     r = await client.post("/v1/messages", json=body(model="broken", stream=True), headers=KEY)
     assert r.status_code == 200
     events = named_events(r.text)
@@ -734,14 +733,14 @@ async def test_mid_stream_failure_is_an_error_event(client: AsyncTestClient[Any]
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_failure_before_the_first_event_is_an_error_status(
-    client: AsyncTestClient[Any], stream: bool
+    client: AppClient, stream: bool
 ) -> None:
     r = await client.post("/v1/messages", json=body(model="down", stream=stream), headers=KEY)
     assert_anthropic_error(r, 503, "overloaded_error")
     assert r.headers["retry-after"]
 
 
-async def test_count_tokens(client: AsyncTestClient[Any]) -> None:
+async def test_count_tokens(client: AppClient) -> None:
     payload = {"model": "mock", "system": "be brief", "messages": body()["messages"]}
     r = await client.post("/v1/messages/count_tokens", json=payload, headers=KEY)
     assert r.status_code == 200, r.text
@@ -758,7 +757,7 @@ async def test_count_tokens(client: AsyncTestClient[Any]) -> None:
     assert named_events(r.text)[0][1]["message"]["usage"]["input_tokens"] == plain
 
 
-async def test_count_tokens_is_authenticated(client: AsyncTestClient[Any]) -> None:
+async def test_count_tokens_is_authenticated(client: AppClient) -> None:
     payload = {"model": "mock", "messages": body()["messages"]}
     r = await client.post("/v1/messages/count_tokens", json=payload)
     assert_anthropic_error(r, 401, "authentication_error")
@@ -766,13 +765,13 @@ async def test_count_tokens_is_authenticated(client: AsyncTestClient[Any]) -> No
     assert_anthropic_error(r, 404, "not_found_error")
 
 
-async def test_body_too_large(make_client: Callable[..., AsyncTestClient[Any]]) -> None:
+async def test_body_too_large(make_client: Callable[..., AppClient]) -> None:
     async with make_client(make_config(models(), max_body_bytes=1024)) as c:
         r = await c.post("/v1/messages", json=body(system="x" * 4096), headers=KEY)
         assert_anthropic_error(r, 413, "request_too_large")
 
 
-async def test_rate_limited(make_client: Callable[..., AsyncTestClient[Any]]) -> None:
+async def test_rate_limited(make_client: Callable[..., AppClient]) -> None:
     config = make_config(models(limited={"limits": {"requests_per_minute": 1}}))
     await away_from_minute_boundary()
     async with make_client(config) as c:
@@ -783,7 +782,7 @@ async def test_rate_limited(make_client: Callable[..., AsyncTestClient[Any]]) ->
         assert int(r.headers["retry-after"]) >= 1
 
 
-async def test_other_routes_keep_openai_errors(client: AsyncTestClient[Any]) -> None:
+async def test_other_routes_keep_openai_errors(client: AppClient) -> None:
     chat = {"model": "mock", "messages": body()["messages"]}
     r = await client.post("/v1/chat/completions", json=chat)
     assert r.status_code == 401

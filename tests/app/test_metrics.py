@@ -18,7 +18,6 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
-from litestar.testing import AsyncTestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.audit import AuditEntry
@@ -26,7 +25,7 @@ from app.config import load_config, parse_config
 from app.gateway import Gateway
 from app.metrics import MULTIPROCESS_ENV
 from app.server import create_app
-from tests.conftest import AUTH, away_from_minute_boundary, make_config
+from tests.conftest import AUTH, AppClient, away_from_minute_boundary, make_config
 from tests.services import REDIS_URL, require_redis
 from tests.serving import serve
 
@@ -61,7 +60,7 @@ def total(samples: Samples, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
 
 
-async def scrape(client: AsyncTestClient[Any] | httpx.AsyncClient, **kw: Any) -> Samples:
+async def scrape(client: AppClient | httpx.AsyncClient, **kw: Any) -> Samples:
     r = await client.get("/metrics", **kw)
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
@@ -69,16 +68,16 @@ async def scrape(client: AsyncTestClient[Any] | httpx.AsyncClient, **kw: Any) ->
 
 
 @pytest.fixture
-async def gateway_client() -> AsyncIterator[tuple[Gateway, AsyncTestClient[Any]]]:
+async def gateway_client() -> AsyncIterator[tuple[Gateway, AppClient]]:
     gateway = Gateway.from_config(make_config())
-    async with AsyncTestClient(app=create_app(gateway)) as client:  # type: ignore[arg-type]
+    async with AppClient(create_app(gateway)) as client:
         yield gateway, client
 
 
-def client_for(**config: Any) -> AsyncTestClient[Any]:
+def client_for(**config: Any) -> AppClient:
     base = make_config(config.pop("models", None))
     merged = {**msgspec.to_builtins(base), **config}
-    return AsyncTestClient(app=create_app(Gateway.from_config(parse_config(merged))))  # type: ignore[arg-type]
+    return AppClient(create_app(Gateway.from_config(parse_config(merged))))
 
 
 async def test_counts_requests_by_route_model_status_and_code(gateway_client: Any) -> None:
@@ -151,7 +150,7 @@ async def test_overhead_leaves_out_the_time_spent_waiting_on_the_backend(stream:
     assert rate < 4 / 0.2, "tokens over the backend's time"
 
 
-async def new_key(client: AsyncTestClient[Any], **fields: Any) -> tuple[str, dict[str, str]]:
+async def new_key(client: AppClient, **fields: Any) -> tuple[str, dict[str, str]]:
     """A key's id and the headers that use it."""
     r = await client.post("/admin/keys", json={"name": "k", **fields}, headers=AUTH)
     assert r.status_code == 201, r.text
@@ -277,7 +276,7 @@ async def test_in_flight_gauges_while_a_stream_runs() -> None:
 async def test_audit_queue_and_dropped_rows() -> None:
     config = {**msgspec.to_builtins(make_config()), "audit": {"max_queue": 2}}
     gateway = Gateway.from_config(parse_config(config))
-    async with AsyncTestClient(app=create_app(gateway)) as client:  # type: ignore[arg-type]
+    async with AppClient(create_app(gateway)) as client:
         await scrape(client)
         writer, metrics = gateway.audit, gateway.metrics
         assert writer is not None
@@ -315,7 +314,7 @@ async def test_require_key_asks_for_the_master_key() -> None:
 async def test_disabled_metrics_are_a_404_and_record_nothing() -> None:
     config = {**msgspec.to_builtins(make_config()), "metrics": {"enabled": False}}
     gateway = Gateway.from_config(parse_config(config))
-    async with AsyncTestClient(app=create_app(gateway)) as client:  # type: ignore[arg-type]
+    async with AppClient(create_app(gateway)) as client:
         assert gateway.metrics is None
         assert (await client.post(CHAT_ROUTE, json=chat(), headers=AUTH)).status_code == 200
         r = await client.get("/metrics", headers=AUTH)
@@ -335,7 +334,7 @@ async def test_counting_goes_on_across_a_reload(tmp_path: Path) -> None:
     }
     path.write_text(json.dumps(config))
     app = create_app(Gateway.from_config(load_config(path)), config_path=path)
-    async with AsyncTestClient(app=app) as client:  # type: ignore[arg-type]
+    async with AppClient(app) as client:
         assert (await client.post(CHAT_ROUTE, json=chat("a"), headers=AUTH)).status_code == 200
         config["models"].append({"id": "b", "backend": "mock:"})
         path.write_text(json.dumps(config))

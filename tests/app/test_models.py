@@ -5,14 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from litestar.testing import AsyncTestClient
 
 from app.gateway import Gateway
 from app.server import create_app
-from tests.conftest import AUTH, make_config
+from tests.conftest import AUTH, AppClient, make_config
 
 
-async def test_list(client: AsyncTestClient[Any]) -> None:
+async def test_list(client: AppClient) -> None:
     r = await client.get("/v1/models", headers=AUTH)
     assert r.status_code == 200
     body = r.json()
@@ -26,7 +25,7 @@ async def test_list(client: AsyncTestClient[Any]) -> None:
     assert "context_length" not in body["data"][1]
 
 
-async def test_retrieve_by_id_and_alias(client: AsyncTestClient[Any]) -> None:
+async def test_retrieve_by_id_and_alias(client: AppClient) -> None:
     by_id = (await client.get("/v1/models/mock", headers=AUTH)).json()
     by_alias = (await client.get("/v1/models/gpt-4o-mini", headers=AUTH)).json()
     assert by_id == by_alias
@@ -42,7 +41,7 @@ async def test_ids_with_slashes(make_client: Any) -> None:
         assert r.json()["id"] == "org/model-7b"
 
 
-async def test_unknown_is_404(client: AsyncTestClient[Any]) -> None:
+async def test_unknown_is_404(client: AppClient) -> None:
     r = await client.get("/v1/models/nope", headers=AUTH)
     assert r.status_code == 404
     assert r.json()["error"]["code"] == "model_not_found"
@@ -85,7 +84,7 @@ async def test_capabilities_say_what_every_deployment_can_do(make_client: Any) -
 async def test_embedded_model_capabilities_after_load() -> None:
     """Learned when the model loads: SmolLM2 has no FIM tokens, and grammars give JSON."""
     config = make_config([{"id": "smol", "backend": "llamacpp:embedded", "context_length": 512}])
-    async with AsyncTestClient(app=create_app(Gateway.from_config(config))) as c:  # type: ignore[arg-type]
+    async with AppClient(create_app(Gateway.from_config(config))) as c:
         caps = (await c.get("/v1/models/smol", headers=AUTH)).json()["capabilities"]
     assert caps["tools"] is True
     assert caps["json_schema"] is True

@@ -9,7 +9,6 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
-from litestar.testing import AsyncTestClient
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from app.accounting import Accounting, Exchange
@@ -18,7 +17,7 @@ from app.edge import Edge, forwarded_client
 from app.gateway import Gateway
 from app.server import create_app
 from policies.ip_allowlist import AddressSet
-from tests.conftest import AUTH, MASTER_KEY, Peer, make_config
+from tests.conftest import AUTH, MASTER_KEY, AppClient, Peer, make_config
 from tests.serving import serve
 
 PROXIES = AddressSet(["10.0.0.0/8", "fd00::/8"])
@@ -130,7 +129,7 @@ async def test_allowlists_see_the_address_behind_the_proxy() -> None:
         ),
     )
     app = Peer(create_app(Gateway.from_config(config)), host="10.0.0.1")
-    async with AsyncTestClient(app=app) as client:  # type: ignore[arg-type]
+    async with AppClient(app) as client:
         inside = {**AUTH, "x-forwarded-for": "198.51.100.9"}
         assert (await client.get("/v1/models", headers=inside)).status_code == 200
         outside = {**AUTH, "x-forwarded-for": "198.51.100.9, 192.0.2.1"}  # spoofed left hop

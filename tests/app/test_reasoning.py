@@ -8,12 +8,11 @@ from typing import Any
 import httpx
 import pytest
 import respx
-from litestar.testing import AsyncTestClient
 
 from app.gateway import Gateway
 from app.reasoning import ThinkSplitter
 from app.server import create_app
-from tests.conftest import AUTH, make_config
+from tests.conftest import AUTH, AppClient, make_config
 
 REPLY = "<think>Two and two.\nIs four.</think>\n\nThe answer is 4."
 
@@ -38,9 +37,9 @@ def test_the_split_does_not_depend_on_chunk_boundaries(step: int) -> None:
     assert split_all("<", step) == ("", "<")
 
 
-def client_for(**model: Any) -> AsyncTestClient[Any]:
+def client_for(**model: Any) -> AppClient:
     config = make_config([{"id": "r", "backend": "mock:", "options": {"reply": REPLY}, **model}])
-    return AsyncTestClient(app=create_app(Gateway.from_config(config)))  # type: ignore[arg-type]
+    return AppClient(create_app(Gateway.from_config(config)))
 
 
 BODY = {"model": "r", "messages": [{"role": "user", "content": "2+2?"}]}
@@ -112,7 +111,7 @@ async def test_reasoning_content_of_a_remote_backend_passes_through() -> None:
                 headers={"content-type": "text/event-stream"},
             )
         )
-        async with AsyncTestClient(app=create_app(Gateway.from_config(config))) as client:  # type: ignore[arg-type]
+        async with AppClient(create_app(Gateway.from_config(config))) as client:
             body = {**BODY, "model": "remote"}
             r = await client.post("/v1/chat/completions", json=body, headers=AUTH)
             assert r.json()["choices"][0]["message"]["reasoning_content"] == "2+2"

@@ -15,7 +15,6 @@ from typing import Any
 
 import httpx
 import pytest
-from litestar.testing import AsyncTestClient
 
 from app.config import ConfigError, load_config, parse_config
 from app.gateway import Gateway
@@ -23,7 +22,7 @@ from app.reload import Reloader, changed_settings, settle
 from app.server import create_app
 from backends.base import BackendSpec
 from backends.mock import MockBackend
-from tests.conftest import AUTH, MASTER_KEY
+from tests.conftest import AUTH, MASTER_KEY, AppClient
 from tests.services import REDIS_URL, require_redis
 from tests.serving import Server, serve
 
@@ -528,7 +527,7 @@ async def test_admin_reload_in_process(tmp_path: Path) -> None:
     unwatched = {"watch": False}
     write(path, config_of(mock("a", "alpha"), reload=unwatched))
     app = create_app(Gateway.from_config(load_config(path)), config_path=path)
-    async with AsyncTestClient(app=app) as client:  # type: ignore[arg-type]
+    async with AppClient(app) as client:
         write(path, config_of(mock("a", "alpha"), mock("b", "bravo"), reload=unwatched))
         r = await client.post("/admin/reload", headers={"Authorization": "Bearer sk-wrong"})
         assert r.status_code == 401
@@ -545,7 +544,7 @@ async def test_admin_reload_in_process(tmp_path: Path) -> None:
 
 async def test_admin_reload_without_a_config_file() -> None:
     config = parse_config({"database": {"url": "sqlite+aiosqlite://"}, **config_of(mock("a", "x"))})
-    async with AsyncTestClient(app=create_app(Gateway.from_config(config))) as client:  # type: ignore[arg-type]
+    async with AppClient(create_app(Gateway.from_config(config))) as client:
         r = await client.post("/admin/reload", headers=AUTH)
         assert r.status_code == 400
         assert "no config file" in r.json()["error"]["message"]

@@ -11,7 +11,6 @@ from typing import Any
 import httpx
 import pytest
 import respx
-from litestar.testing import AsyncTestClient
 
 from app.config import Config
 from app.errors import ContextLengthExceeded
@@ -20,13 +19,13 @@ from app.protocol import EmbeddingList, EmbeddingRequest
 from app.server import create_app
 from backends.base import BackendSpec, backend_factories
 from backends.mock import MockBackend
-from tests.conftest import AUTH, make_config
+from tests.conftest import AUTH, AppClient, make_config
 
 UPSTREAM = "http://upstream.test/v1"
 DOCS = ["banana bread recipe", "apple pie", "cherry tart", "the history of pie"]
 
 
-async def rerank(client: AsyncTestClient[Any], path: str = "/v1/rerank", **body: Any) -> Any:
+async def rerank(client: AppClient, path: str = "/v1/rerank", **body: Any) -> Any:
     body.setdefault("model", "mock")
     body.setdefault("query", "apple pie")
     body.setdefault("documents", DOCS)
@@ -43,7 +42,7 @@ def cosine(a: list[float], b: list[float]) -> float:
 # ---- scored by embeddings (the mock backend)
 
 
-async def test_identical_document_ranks_first(client: AsyncTestClient[Any]) -> None:
+async def test_identical_document_ranks_first(client: AppClient) -> None:
     body = await rerank(client)
     assert body["object"] == "list"
     assert body["model"] == "mock"
@@ -61,7 +60,7 @@ async def test_identical_document_ranks_first(client: AsyncTestClient[Any]) -> N
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"]
 
 
-async def test_scores_are_cosine_similarities(client: AsyncTestClient[Any]) -> None:
+async def test_scores_are_cosine_similarities(client: AppClient) -> None:
     r = await client.post(
         "/v1/embeddings", json={"model": "mock", "input": ["apple pie", *DOCS]}, headers=AUTH
     )
@@ -73,7 +72,7 @@ async def test_scores_are_cosine_similarities(client: AsyncTestClient[Any]) -> N
 
 
 async def test_same_text_same_score_ties_keep_request_order(
-    client: AsyncTestClient[Any],
+    client: AppClient,
 ) -> None:
     body = await rerank(client, documents=["x y", "apple pie", "x y", "apple pie"])
     assert [r["index"] for r in body["results"][:2]] == [1, 3]
@@ -81,7 +80,7 @@ async def test_same_text_same_score_ties_keep_request_order(
     assert body["results"][2]["relevance_score"] == body["results"][3]["relevance_score"]
 
 
-async def test_top_n_keeps_the_best(client: AsyncTestClient[Any]) -> None:
+async def test_top_n_keeps_the_best(client: AppClient) -> None:
     full = await rerank(client)
     cut = await rerank(client, top_n=2)
     assert cut["results"] == full["results"][:2]
@@ -89,12 +88,12 @@ async def test_top_n_keeps_the_best(client: AsyncTestClient[Any]) -> None:
     assert (await rerank(client, top_n=10))["results"] == full["results"]
 
 
-async def test_top_k_is_top_n(client: AsyncTestClient[Any]) -> None:
+async def test_top_k_is_top_n(client: AppClient) -> None:
     body = await rerank(client, top_k=1)
     assert [r["index"] for r in body["results"]] == [1]
 
 
-async def test_return_documents_and_object_documents(client: AsyncTestClient[Any]) -> None:
+async def test_return_documents_and_object_documents(client: AppClient) -> None:
     docs = [{"text": "banana bread recipe", "title": "ignored"}, "apple pie", {"text": "pie"}]
     body = await rerank(client, documents=docs, return_documents=True)
     by_index = {r["index"]: r["document"] for r in body["results"]}
@@ -108,7 +107,7 @@ async def test_return_documents_and_object_documents(client: AsyncTestClient[Any
     assert all("document" not in r for r in plain["results"])
 
 
-async def test_unversioned_path_and_alias(client: AsyncTestClient[Any]) -> None:
+async def test_unversioned_path_and_alias(client: AppClient) -> None:
     body = await rerank(client, path="/rerank", model="gpt-4o-mini")
     assert body["model"] == "mock"
     assert body["results"][0]["index"] == 1
@@ -133,7 +132,7 @@ async def test_unversioned_path_and_alias(client: AsyncTestClient[Any]) -> None:
     ],
 )
 async def test_bad_request_is_400_naming_the_field(
-    client: AsyncTestClient[Any], change: dict[str, Any], param: str
+    client: AppClient, change: dict[str, Any], param: str
 ) -> None:
     body = {"model": "mock", "query": "q", "documents": ["a", "b"], **change}
     body = {k: v for k, v in body.items() if v is not None}
@@ -144,13 +143,13 @@ async def test_bad_request_is_400_naming_the_field(
     assert error["param"] == param
 
 
-async def test_missing_key_is_401(client: AsyncTestClient[Any]) -> None:
+async def test_missing_key_is_401(client: AppClient) -> None:
     r = await client.post("/v1/rerank", json={"model": "mock", "query": "q", "documents": ["a"]})
     assert r.status_code == 401
     assert r.json()["error"]["code"] == "invalid_api_key"
 
 
-async def test_unknown_model_is_404(client: AsyncTestClient[Any]) -> None:
+async def test_unknown_model_is_404(client: AppClient) -> None:
     r = await client.post(
         "/v1/rerank", json={"model": "nope", "query": "q", "documents": ["a"]}, headers=AUTH
     )
@@ -191,10 +190,10 @@ class ShortContextBackend(MockBackend):
 
 
 @asynccontextmanager
-async def custom(config: Config) -> AsyncIterator[AsyncTestClient[Any]]:
+async def custom(config: Config) -> AsyncIterator[AppClient]:
     factories = {**backend_factories(), "chatonly": ChatOnlyBackend, "short": ShortContextBackend}
     app = create_app(Gateway.from_config(config, factories=factories))
-    async with AsyncTestClient(app=app) as client:  # type: ignore[arg-type]
+    async with AppClient(app) as client:
         yield client
 
 

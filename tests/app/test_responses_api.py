@@ -11,7 +11,6 @@ from typing import Any
 
 import msgspec
 import pytest
-from litestar.testing import AsyncTestClient
 
 from app.errors import GatewayError, InvalidRequest, UnsupportedParameter, UpstreamError
 from app.protocol import (
@@ -39,7 +38,7 @@ from app.responses_bridge import (
 )
 from app.responses_protocol import CreateResponse
 from compat_tests.openapi_schema import validate
-from tests.conftest import AUTH, make_config
+from tests.conftest import AUTH, AppClient, make_config
 
 # The spec schema of each event type the gateway sends.
 EVENT_SCHEMAS = {
@@ -736,7 +735,7 @@ TOOL_MODELS: list[dict[str, Any]] = [
 
 
 @pytest.fixture
-async def tools_client(make_client: Any) -> AsyncIterator[AsyncTestClient[Any]]:
+async def tools_client(make_client: Any) -> AsyncIterator[AppClient]:
     """A gateway with a tool-calling mock and failing mocks."""
     async with make_client(make_config(TOOL_MODELS)) as c:
         yield c
@@ -746,7 +745,7 @@ def body(**extra: Any) -> dict[str, Any]:
     return {"model": "mock", "input": "hello there", **extra}
 
 
-async def test_route_non_streamed(client: AsyncTestClient[Any]) -> None:
+async def test_route_non_streamed(client: AppClient) -> None:
     r = await client.post("/v1/responses", json=body(instructions="be nice"), headers=AUTH)
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("application/json")
@@ -758,7 +757,7 @@ async def test_route_non_streamed(client: AsyncTestClient[Any]) -> None:
     assert response["usage"]["output_tokens"] == 4
 
 
-async def test_route_alias_answers_as_the_model_id(client: AsyncTestClient[Any]) -> None:
+async def test_route_alias_answers_as_the_model_id(client: AppClient) -> None:
     r = await client.post("/v1/responses", json=body(model="gpt-4o-mini"), headers=AUTH)
     assert r.json()["model"] == "mock"
     r = await client.post(
@@ -768,7 +767,7 @@ async def test_route_alias_answers_as_the_model_id(client: AsyncTestClient[Any])
     assert {e["response"]["model"] for e in events if "response" in e} == {"mock"}
 
 
-async def test_route_streamed(client: AsyncTestClient[Any]) -> None:
+async def test_route_streamed(client: AppClient) -> None:
     r = await client.post("/v1/responses", json=body(stream=True), headers=AUTH)
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/event-stream")
@@ -781,7 +780,7 @@ async def test_route_streamed(client: AsyncTestClient[Any]) -> None:
     assert "[DONE]" not in r.text
 
 
-async def test_route_max_output_tokens_is_incomplete(client: AsyncTestClient[Any]) -> None:
+async def test_route_max_output_tokens_is_incomplete(client: AppClient) -> None:
     r = await client.post(
         "/v1/responses", json=body(model="fixed", max_output_tokens=2), headers=AUTH
     )
@@ -791,7 +790,7 @@ async def test_route_max_output_tokens_is_incomplete(client: AsyncTestClient[Any
     assert response["output"][0]["content"][0]["text"] == "one two "
 
 
-async def test_route_tool_call_and_round_trip(tools_client: AsyncTestClient[Any]) -> None:
+async def test_route_tool_call_and_round_trip(tools_client: AppClient) -> None:
     first = await tools_client.post(
         "/v1/responses",
         json=body(model="tools", input="weather in Paris?", tools=[WEATHER_TOOL]),
@@ -825,7 +824,7 @@ async def test_route_tool_call_and_round_trip(tools_client: AsyncTestClient[Any]
     assert answer["tool_choice"] == "none"
 
 
-async def test_route_streamed_tool_call(tools_client: AsyncTestClient[Any]) -> None:
+async def test_route_streamed_tool_call(tools_client: AppClient) -> None:
     r = await tools_client.post(
         "/v1/responses",
         json=body(model="tools", tools=[WEATHER_TOOL], stream=True),
@@ -840,14 +839,14 @@ async def test_route_streamed_tool_call(tools_client: AsyncTestClient[Any]) -> N
     assert events[-1]["response"]["output"][0]["arguments"] == done["arguments"]
 
 
-async def test_route_needs_a_key(client: AsyncTestClient[Any]) -> None:
+async def test_route_needs_a_key(client: AppClient) -> None:
     r = await client.post("/v1/responses", json=body())
     assert r.status_code == 401
     validate("ErrorResponse", r.json())
     assert r.json()["error"]["code"] == "invalid_api_key"
 
 
-async def test_route_unknown_model_is_404(client: AsyncTestClient[Any]) -> None:
+async def test_route_unknown_model_is_404(client: AppClient) -> None:
     r = await client.post("/v1/responses", json=body(model="nope"), headers=AUTH)
     assert r.status_code == 404
     assert r.json()["error"]["code"] == "model_not_found"
@@ -868,7 +867,7 @@ async def test_route_unknown_model_is_404(client: AsyncTestClient[Any]) -> None:
     ],
 )
 async def test_route_bad_body_is_400_naming_param(
-    client: AsyncTestClient[Any], payload: dict[str, Any], param: str
+    client: AppClient, payload: dict[str, Any], param: str
 ) -> None:
     r = await client.post("/v1/responses", json=payload, headers=AUTH)
     assert r.status_code == 400, r.text
@@ -877,7 +876,7 @@ async def test_route_bad_body_is_400_naming_param(
 
 
 @pytest.mark.parametrize("raw", [b"", b"{", b"[]"])
-async def test_route_malformed_json_is_400(client: AsyncTestClient[Any], raw: bytes) -> None:
+async def test_route_malformed_json_is_400(client: AppClient, raw: bytes) -> None:
     r = await client.post(
         "/v1/responses", content=raw, headers={**AUTH, "content-type": "application/json"}
     )
@@ -885,7 +884,7 @@ async def test_route_malformed_json_is_400(client: AsyncTestClient[Any], raw: by
     assert r.json()["error"]["type"] == "invalid_request_error"
 
 
-async def test_route_unknown_fields_are_ignored(client: AsyncTestClient[Any]) -> None:
+async def test_route_unknown_fields_are_ignored(client: AppClient) -> None:
     r = await client.post(
         "/v1/responses",
         json=body(
@@ -901,7 +900,7 @@ async def test_route_unknown_fields_are_ignored(client: AsyncTestClient[Any]) ->
     assert r.status_code == 200, r.text
 
 
-async def test_route_tools_on_a_model_without_them_is_400(client: AsyncTestClient[Any]) -> None:
+async def test_route_tools_on_a_model_without_them_is_400(client: AppClient) -> None:
     r = await client.post("/v1/responses", json=body(tools=[WEATHER_TOOL]), headers=AUTH)
     assert r.status_code == 400
     assert r.json()["error"]["param"] == "tools"
@@ -909,7 +908,7 @@ async def test_route_tools_on_a_model_without_them_is_400(client: AsyncTestClien
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_route_failure_before_first_byte_keeps_its_status(
-    tools_client: AsyncTestClient[Any], stream: bool
+    tools_client: AppClient, stream: bool
 ) -> None:
     r = await tools_client.post(
         "/v1/responses", json=body(model="down", stream=stream), headers=AUTH
@@ -922,7 +921,7 @@ async def test_route_failure_before_first_byte_keeps_its_status(
 
 
 async def test_route_failure_mid_stream_is_an_error_event(
-    tools_client: AsyncTestClient[Any],
+    tools_client: AppClient,
 ) -> None:
     r = await tools_client.post(
         "/v1/responses", json=body(model="broken", input="a b c d", stream=True), headers=AUTH
@@ -940,7 +939,7 @@ async def test_route_failure_mid_stream_is_an_error_event(
     assert not any(e["type"] == "response.completed" for e in events)
 
 
-async def test_route_non_streamed_failure_is_a_status(client: AsyncTestClient[Any]) -> None:
+async def test_route_non_streamed_failure_is_a_status(client: AppClient) -> None:
     r = await client.post("/v1/responses", json=body(model="broken"), headers=AUTH)
     assert r.status_code == 502
     assert r.json()["error"]["code"] == "upstream_error"

@@ -9,7 +9,6 @@ from typing import Any
 
 import msgspec
 import pytest
-from litestar.testing import AsyncTestClient
 
 from app.config import MemorySettings, ModelConfig
 from app.gateway import Gateway
@@ -19,7 +18,7 @@ from backends.base import BackendSpec
 from backends.llama_engine import Engine, ServerBusy, common_prefix
 from backends.llamacpp import LlamaCppBackend
 from backends.memory import MemoryBudget
-from tests.conftest import AUTH, make_config, until
+from tests.conftest import AUTH, AppClient, make_config, until
 
 pytestmark = pytest.mark.slow
 
@@ -272,7 +271,7 @@ async def test_server_busy_on_the_wire() -> None:
         ]
     )
     gateway = Gateway.from_config(config)
-    async with AsyncTestClient(app=create_app(gateway)) as client:  # type: ignore[arg-type]
+    async with AppClient(create_app(gateway)) as client:
         backend = gateway.models[0].backends[0]
         assert isinstance(backend, LlamaCppBackend)
         stream = await long_stream(backend)
@@ -370,7 +369,7 @@ async def test_models_endpoint_says_which_are_loaded() -> None:
     config = msgspec.structs.replace(
         make_config(models), memory=MemorySettings(budget_mb=budget_mb)
     )
-    async with AsyncTestClient(app=create_app(Gateway.from_config(config))) as client:  # type: ignore[arg-type]
+    async with AppClient(create_app(Gateway.from_config(config))) as client:
 
         async def loaded() -> dict[str, bool]:
             data = (await client.get("/v1/models", headers=AUTH)).json()["data"]

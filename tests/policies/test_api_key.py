@@ -5,14 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from litestar.testing import AsyncTestClient
 
 from app.context import RequestContext, credential_of
 from app.errors import AuthenticationFailed
 from app.keys import KeyCache, KeyStore, TokenSigner
 from app.storage.database import Database
 from policies.api_key import ApiKeyPolicy
-from tests.conftest import MASTER_KEY, make_config
+from tests.conftest import MASTER_KEY, AppClient, make_config
 
 BODY = {"model": "mock", "messages": [{"role": "user", "content": "x"}]}
 
@@ -25,7 +24,7 @@ BODY = {"model": "mock", "messages": [{"role": "user", "content": "x"}]}
         {"authorization": f"bearer {MASTER_KEY}"},
     ],
 )
-async def test_accepted_forms(client: AsyncTestClient[Any], headers: dict[str, str]) -> None:
+async def test_accepted_forms(client: AppClient, headers: dict[str, str]) -> None:
     assert (
         await client.post("/v1/chat/completions", json=BODY, headers=headers)
     ).status_code == 200
@@ -41,7 +40,7 @@ async def test_accepted_forms(client: AsyncTestClient[Any], headers: dict[str, s
         {"Authorization": "Bearer "},
     ],
 )
-async def test_rejected(client: AsyncTestClient[Any], headers: dict[str, str]) -> None:
+async def test_rejected(client: AppClient, headers: dict[str, str]) -> None:
     for method, path, body in (("POST", "/v1/chat/completions", BODY), ("GET", "/v1/models", None)):
         r = await client.request(method, path, json=body, headers=headers)
         assert r.status_code == 401
@@ -51,7 +50,7 @@ async def test_rejected(client: AsyncTestClient[Any], headers: dict[str, str]) -
         assert MASTER_KEY not in r.text
 
 
-async def test_auth_comes_before_model_lookup(client: AsyncTestClient[Any]) -> None:
+async def test_auth_comes_before_model_lookup(client: AppClient) -> None:
     r = await client.post("/v1/chat/completions", json={**BODY, "model": "secret-model"})
     assert r.status_code == 401
 

@@ -10,7 +10,6 @@ from typing import Any
 
 import msgspec
 import pytest
-from litestar.testing import AsyncTestClient
 
 from app.config import Config, DatabaseSettings, IpAllowlist, PolicySettings
 from app.context import RequestContext
@@ -18,7 +17,7 @@ from app.errors import IpNotAllowed, PermissionDenied
 from app.gateway import Gateway
 from app.server import create_app
 from policies.ip_allowlist import AddressSet, IpAllowlistPolicy, parse_address
-from tests.conftest import AUTH, Peer, make_config
+from tests.conftest import AUTH, AppClient, Peer, make_config
 
 CHAT = {"model": "mock", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -97,11 +96,11 @@ def allowlisted(api: tuple[str, ...] = (), admin: tuple[str, ...] = (), **server
 
 
 @pytest.fixture
-async def peer() -> AsyncIterator[tuple[Peer, AsyncTestClient[Any]]]:
+async def peer() -> AsyncIterator[tuple[Peer, AppClient]]:
     """A gateway allowing the API from 10/8 and fd00::/8, and /admin from 192.168.5.0/24."""
     config = allowlisted(api=("10.0.0.0/8", "fd00::/8"), admin=("192.168.5.0/24",))
     app = Peer(create_app(Gateway.from_config(config)))
-    async with AsyncTestClient(app=app) as client:  # type: ignore[arg-type]
+    async with AppClient(app) as client:
         yield app, client
 
 
@@ -119,9 +118,7 @@ def assert_ip_refused(r: Any) -> None:
 
 
 @pytest.mark.parametrize("host", ["10.1.2.3", "fd00::42", "::ffff:10.1.2.3"])
-async def test_api_from_an_allowed_address(
-    peer: tuple[Peer, AsyncTestClient[Any]], host: str
-) -> None:
+async def test_api_from_an_allowed_address(peer: tuple[Peer, AppClient], host: str) -> None:
     app, client = peer
     app.host = host
     assert (await client.post("/v1/chat/completions", json=CHAT, headers=AUTH)).status_code == 200
@@ -130,7 +127,7 @@ async def test_api_from_an_allowed_address(
 
 @pytest.mark.parametrize("host", ["192.0.2.1", "::1", "::ffff:192.0.2.1", "testclient"])
 async def test_api_from_outside_is_403_before_any_key_check(
-    peer: tuple[Peer, AsyncTestClient[Any]], host: str
+    peer: tuple[Peer, AppClient], host: str
 ) -> None:
     app, client = peer
     app.host = host
@@ -141,7 +138,7 @@ async def test_api_from_outside_is_403_before_any_key_check(
     assert_ip_refused(await client.post("/v1/auth/token", json={}, headers=AUTH))
 
 
-async def test_probes_stay_open(peer: tuple[Peer, AsyncTestClient[Any]]) -> None:
+async def test_probes_stay_open(peer: tuple[Peer, AppClient]) -> None:
     app, client = peer
     app.host = "192.0.2.1"
     assert (await client.get("/health")).status_code == 200
@@ -150,7 +147,7 @@ async def test_probes_stay_open(peer: tuple[Peer, AsyncTestClient[Any]]) -> None
 
 @pytest.mark.parametrize("path", ["/admin/keys", "/admin//keys", "/admin/usage", "/metrics"])
 async def test_admin_from_outside_is_403_before_the_master_key_check(
-    peer: tuple[Peer, AsyncTestClient[Any]], path: str
+    peer: tuple[Peer, AppClient], path: str
 ) -> None:
     app, client = peer
     app.host = "10.1.2.3"  # allowed on the API, not on /admin
@@ -167,7 +164,7 @@ async def test_admin_refusals_are_audited_and_logged(
         config, database=DatabaseSettings(url=f"sqlite+aiosqlite:///{database}")
     )
     app = Peer(create_app(Gateway.from_config(config)), host="10.9.9.9")
-    async with AsyncTestClient(app=app) as client:  # type: ignore[arg-type]
+    async with AppClient(app) as client:
         with caplog.at_level(logging.INFO, logger="clawbot.access"):
             r = await client.get("/admin/keys", headers=AUTH)
         assert_ip_refused(r)
@@ -181,7 +178,7 @@ async def test_admin_refusals_are_audited_and_logged(
     assert rows == [(403, "ip_not_allowed", "10.9.9.9")]
 
 
-async def test_admin_from_an_allowed_address(peer: tuple[Peer, AsyncTestClient[Any]]) -> None:
+async def test_admin_from_an_allowed_address(peer: tuple[Peer, AppClient]) -> None:
     app, client = peer
     app.host = "192.168.5.20"  # allowed on /admin, not on the API
     assert (await client.get("/admin/keys")).status_code == 401
@@ -193,7 +190,7 @@ async def test_admin_from_an_allowed_address(peer: tuple[Peer, AsyncTestClient[A
 
 async def test_empty_lists_allow_everyone() -> None:
     app = Peer(create_app(Gateway.from_config(allowlisted())), host="203.0.113.9")
-    async with AsyncTestClient(app=app) as client:  # type: ignore[arg-type]
+    async with AppClient(app) as client:
         assert (await client.get("/v1/models", headers=AUTH)).status_code == 200
         assert (await client.get("/v1/models")).status_code == 401
         assert (await client.get("/admin/keys", headers=AUTH)).status_code == 200
@@ -201,7 +198,7 @@ async def test_empty_lists_allow_everyone() -> None:
 
 async def test_api_allowlist_without_auth() -> None:
     app = Peer(create_app(Gateway.from_config(allowlisted(api=("10.0.0.0/8",), api_key=""))))
-    async with AsyncTestClient(app=app) as client:  # type: ignore[arg-type]
+    async with AppClient(app) as client:
         app.host = "10.0.0.7"
         assert (await client.get("/v1/models")).status_code == 200
         app.host = "192.0.2.1"

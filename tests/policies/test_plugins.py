@@ -14,14 +14,13 @@ from typing import Any
 
 import httpx
 import pytest
-from litestar.testing import AsyncTestClient
 
 from app.config import ConfigError, parse_config
 from app.gateway import Gateway
 from app.server import create_app
 from backends.base import PluginBackendFactory, backend_factories
 from policies.plugins import available_plugins, load_plugin_policies
-from tests.conftest import AUTH, MASTER_KEY
+from tests.conftest import AUTH, MASTER_KEY, AppClient
 from tests.serving import serve
 
 SAMPLE = Path(__file__).resolve().parents[1] / "plugins" / "sample"
@@ -147,7 +146,7 @@ async def test_tenant_policy_and_echo_backend_in_process() -> None:
     config = config_of(["sample_tenant"], {"sample_tenant": {"tenants": ["acme"]}})
     gateway = Gateway.from_config(config)
     assert [p.name for p in gateway.policies][-2:] == ["sample_tenant", "rate_limit"]
-    async with AsyncTestClient(app=create_app(gateway)) as client:  # type: ignore[arg-type]
+    async with AppClient(create_app(gateway)) as client:
         r = await client.post("/v1/chat/completions", json=CHAT, headers=AUTH)  # master key
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"]["content"] == "[parrot] hello there"
@@ -190,7 +189,7 @@ async def test_tenant_policy_and_echo_backend_in_process() -> None:
 @pytest.mark.usefixtures("sample")
 async def test_a_plugin_refusal_holds_no_rate_limit_slot() -> None:
     gateway = Gateway.from_config(config_of(["sample_tenant"]))
-    async with AsyncTestClient(app=create_app(gateway)) as client:  # type: ignore[arg-type]
+    async with AppClient(create_app(gateway)) as client:
         created = await new_key(client, max_parallel=1)
         key = bearer(created["key"])
         for _ in range(2):

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from litestar.testing import AsyncTestClient
 from sqlalchemy import inspect
 
 from app.cli import main
@@ -16,6 +15,7 @@ from app.config import ConfigError, parse_config
 from app.gateway import Gateway
 from app.server import create_app
 from app.storage.database import Database, head_revision
+from tests.conftest import AppClient
 
 TABLES = {"api_keys", "audit_log"}
 AUDIT_INDEXES = {"ix_audit_log_ts", "ix_audit_log_key_ts", "ix_audit_log_model_ts"}
@@ -61,7 +61,7 @@ async def test_gateway_start_applies_migrations(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'gw.db'}"
     config = parse_config({"database": {"url": url}, "models": [{"id": "m", "backend": "mock:"}]})
     gateway = Gateway.from_config(config)
-    async with AsyncTestClient(app=create_app(gateway)):  # type: ignore[arg-type]
+    async with AppClient(create_app(gateway)):
         assert await gateway.db.revision() == head_revision()
 
 
