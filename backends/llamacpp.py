@@ -64,6 +64,7 @@ from backends.gguf import (
 )
 from backends.llama_engine import End, Engine, EngineConfig, Event, Piece, Sampling, Sequence, Start
 from backends.llama_reply import OutputPlan, ReplyShaper, plan_output
+from backends.llama_runtime import AMX, build_features, load_cpu_backend
 from backends.llama_text import TokenLogprob
 from backends.memory import MemoryBudget
 
@@ -196,7 +197,18 @@ class _Loaded:
         logging.getLogger("llama-cpp-python").setLevel(
             logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR
         )
+        load_cpu_backend()
         params = llama_cpp.llama_model_default_params()
+        if amx := sorted(build_features() & AMX):
+            # Weights repacked into AMX buffers crash llama_decode (ggml_backend_amx_mul_mat);
+            # without the extra buffer types the same build runs its AVX-512 kernels.
+            params.use_extra_bufts = False
+            log.warning(
+                "this llama.cpp build uses %s, known to crash: %s loads without AMX (and "
+                "without repacked weights); `clawbot check` names the portable rebuild",
+                "/".join(amx),
+                backend.model_id,
+            )
         progress = _ProgressLog(backend.model_id)
         params.progress_callback = progress.callback
         started = time.perf_counter()

@@ -367,8 +367,13 @@ def clawbot(name: str, options: dict[str, Any], logdir: Path) -> ContextManager[
 def baseline(n_threads: int, n_batch: int, logdir: Path) -> ContextManager[Running]:
     """llama-cpp-python's server on the same GGUF, ready once /v1/models answers."""
     port = free_port()
+    # The portable build's CPU backend is loaded by clawbot; llama_cpp.server needs it done too.
+    launch = (
+        "import runpy; from backends.llama_runtime import load_cpu_backend; load_cpu_backend(); "
+        "runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)"
+    )
     argv = [
-        sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_model_path()),
+        sys.executable, "-c", launch, "--model", str(embedded_model_path()),
         "--model_alias", MODEL, "--host", "127.0.0.1", "--port", str(port),
         "--n_ctx", str(N_CTX), "--n_threads", str(n_threads),
         "--n_threads_batch", str(n_threads), "--n_batch", str(n_batch),
@@ -423,7 +428,10 @@ def decode_costs(n_threads: int, n_batch: int) -> list[tuple[str, int, float]]:
     import llama_cpp
     from llama_cpp import _internals
 
+    from backends.llama_runtime import load_cpu_backend
+
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+    load_cpu_backend()
     model = _internals.LlamaModel(
         path_model=str(embedded_model_path()),
         params=llama_cpp.llama_model_default_params(),

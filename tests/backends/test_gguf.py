@@ -18,6 +18,7 @@ from backends.gguf import (
     kv_cache_bytes,
     read_metadata,
 )
+from backends.llama_runtime import load_cpu_backend
 from backends.llamacpp import embedded_model_path
 
 UINT8, INT8, UINT16, INT16, UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY = range(10)
@@ -128,6 +129,7 @@ def test_estimate_bounds_what_llama_cpp_reserves(
 ) -> None:
     import llama_cpp
 
+    load_cpu_backend()  # a portable build's CPU backend, as clawbot loads it
     path = embedded_model_path()
     info = read_metadata(path)
     capfd.readouterr()

@@ -104,7 +104,17 @@ def test_dockerfile_runs_unprivileged_with_a_data_volume() -> None:
     build = " ".join(args for kw, args in instructions if kw == "RUN")
     assert "build-essential" in build
     assert "cmake" in build
-    assert "pip install --no-cache-dir ." in build
+    assert "pip install --no-cache-dir --no-deps ." in build
+
+
+def test_dockerfile_installs_the_lock_and_the_portable_llama_build() -> None:
+    runs = [args for kw, args in dockerfile() if kw == "RUN"]
+    llama = next(i for i, run in enumerate(runs) if "deploy/llama_wheel.py" in run)
+    locked = next(i for i, run in enumerate(runs) if "-r requirements.txt" in run)
+    assert "--lock requirements.txt --install /opt/clawbot/bin/python" in runs[llama]
+    assert "CMAKE_ARGS" not in runs[llama], "the image must take the portable default"
+    assert "--require-hashes --no-deps" in runs[locked]
+    assert llama < locked, "the lock must find the portable llama-cpp-python installed"
 
 
 def test_dockerfile_copies_every_package_pyproject_ships() -> None:
