@@ -1,7 +1,8 @@
 """`clawbot check`, `clawbot backup` and `clawbot restore`.
 
 Examples:
-    clawbot check --config clawbot.json          # one OK/FAIL line per deployment, with a fix
+    clawbot check --config clawbot.json          # the CPU and llama.cpp build, then one OK/FAIL
+                                                 # line per deployment, each with a fix
     clawbot check --json                         # the same, as JSON for scripts
     clawbot backup --out /backups/clawbot-2026-01-31.tar.gz
     clawbot backup --out /backups/today/ --include-models
@@ -22,10 +23,12 @@ import msgspec
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.backup import BackupError, Manifest, create_backup, restore_backup
-from app.config import Config, ConfigError, load_config
+from app.config import Config, ConfigError, load_config, model_deployments
 from app.diagnose import Check, run_checks
 from app.gateway import Gateway
+from app.llama_build import check_llama_build
 from app.tls import ssl_context_factory
+from backends.base import backend_scheme
 
 
 def add_commands(sub: Any) -> dict[str, Callable[[argparse.Namespace], int]]:
@@ -84,9 +87,18 @@ def check_command(args: argparse.Namespace) -> int:
 
 async def _run_checks(config: Config, gateway: Gateway) -> list[Check]:
     try:
-        return await run_checks(config, gateway)
+        build = await check_llama_build() if _runs_in_process(config) else []
+        return [*build, *await run_checks(config, gateway)]
     finally:
         await gateway.aclose()
+
+
+def _runs_in_process(config: Config) -> bool:
+    return any(
+        backend_scheme(dep.backend) == "llamacpp"
+        for model in config.models
+        for dep in model_deployments(model)
+    )
 
 
 def _print_checks(args: argparse.Namespace, checks: list[Check]) -> None:

@@ -433,6 +433,15 @@ def test_in_process_model_is_loaded(tmp_path: Path) -> None:
     config = {"models": [{"id": "smol", "backend": "llamacpp:embedded", "context_length": 512}]}
     code, report = run_check(config, tmp_path)
     assert code == 0
-    loaded = report["checks"][1]
-    assert (loaded["target"], loaded["ok"], loaded["message"]) == ("smol/default", True, "loaded")
+    checks = {check["target"]: check for check in report["checks"]}
+    assert list(checks) == ["cpu", "llama.cpp", "database", "smol/default"]
+    assert checks["llama.cpp"]["ok"] is True
+    loaded = checks["smol/default"]
+    assert (loaded["ok"], loaded["message"]) == (True, "loaded")
     assert loaded["latency_ms"] > 0
+
+
+def test_no_build_check_without_in_process_models(tmp_path: Path) -> None:
+    code, report = run_check({"models": [{"id": "m", "backend": "mock:"}]}, tmp_path)
+    assert code == 0
+    assert [check["target"] for check in report["checks"]] == ["database", "m/default"]
