@@ -18,10 +18,11 @@ $(BIN)/python:
 
 # llama-cpp-python first, from the portable wheel deploy/llama_wheel.py builds once and caches:
 # pip then finds the locked version installed and leaves it.
+# -qq: errors only (every package is pinned and hash-checked; pip's notices are noise here).
 define install
 	$(BIN)/python deploy/llama_wheel.py --lock $(1) --install $(BIN)/python >/dev/null
-	$(PIP) install --quiet --require-hashes --no-deps -r $(1)
-	$(PIP) install --quiet --no-deps -e .
+	$(PIP) install -qq --require-hashes --no-deps -r $(1)
+	$(PIP) install -qq --no-deps -e .
 endef
 
 $(RUN_STAMP): $(BIN)/python requirements.txt pyproject.toml deploy/llama_wheel.py

@@ -230,7 +230,7 @@ def main() -> int:
         )
     if args.install:
         subprocess.run(
-            [args.install, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+            [args.install, "-m", "pip", "install", "-qq", "--disable-pip-version-check",
              "--no-deps", "--force-reinstall", str(wheel)],
             check=True,
         )  # fmt: skip
