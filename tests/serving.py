@@ -22,6 +22,9 @@ class ServerDidNotStart(RuntimeError):
 
 
 _READY = re.compile(r"serving on (?P<url>https?://\S+/v1)")
+_BANNER_END = re.compile(r"^  python -c 'from openai import OpenAI")
+"""The banner's last line (app/cli.py): the server is ready once the whole banner is logged,
+so a test reading the log at once sees all of it (under load it once saw only its first lines)."""
 
 
 @dataclass
@@ -48,8 +51,9 @@ def _drain(stream: IO[str], sink: IO[str], ready: threading.Event, found: list[s
         sink.write(line)
         sink.flush()
         match = _READY.search(line)
-        if match and not ready.is_set():
+        if match and not found:
             found.append(match.group("url"))
+        elif found and not ready.is_set() and _BANNER_END.match(line):
             ready.set()
 
 
