@@ -8,6 +8,7 @@ the rate-limit correction and the audit row. Nothing here touches the database.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from app.logs import REQUEST_ID
 
 if TYPE_CHECKING:
     from app.context import RequestContext
+
+log = logging.getLogger("clawbot.gateway")
 
 AUDITED_PREFIXES = ("/v1/", "/admin/")
 """Routes that get an audit row; probes (/health, /ready) would only drown it."""
@@ -55,7 +58,9 @@ class Exchange:
     response_headers: dict[str, str] = field(default_factory=dict)
     """Added to the response when it starts (rate-limit headers)."""
     on_finish: list[Callable[[Exchange], Awaitable[None]]] = field(default_factory=list)
-    """Run once the exchange is over (release parallel slots, correct token counts)."""
+    """Run once, just before the answer's last byte leaves (or when the exchange ends without
+    one): release parallel slots, correct token counts. Before, not after: a client that sends
+    its next request as soon as it has read the answer must find its slot free."""
 
     @property
     def audited(self) -> bool:
@@ -81,6 +86,15 @@ class Exchange:
         """Token usage, once known."""
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = completion_tokens
+
+    async def settle(self) -> None:
+        """Run the `on_finish` callbacks, once; a failing one is logged, the rest still run."""
+        callbacks, self.on_finish = self.on_finish, []
+        for callback in callbacks:
+            try:
+                await callback(self)
+            except Exception:
+                log.exception("finishing request %s failed", self.request_id)
 
 
 def exchange_of(scope: Scope | dict[str, Any]) -> Exchange | None:
@@ -163,6 +177,7 @@ class Accounting:
                     exchange.response_body.extend(body)
                 if not message.get("more_body", False):
                     exchange.finished_at = time.perf_counter()
+                    await exchange.settle()
             await send(message)
 
         try:

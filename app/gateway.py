@@ -368,11 +368,7 @@ class Gateway:
     async def finish(self, exchange: Exchange) -> None:
         """After the answer: settle rate limits with real usage, write the access line, then
         queue the audit row."""
-        for callback in exchange.on_finish:
-            try:
-                await callback(exchange)
-            except Exception:
-                log.exception("finishing request %s failed", exchange.request_id)
+        await exchange.settle()  # a no-op when the answer's last byte already settled it
         if self.metrics is not None:
             self.metrics.observe(exchange)
         if self.config.logging.access_log:

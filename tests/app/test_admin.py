@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -167,6 +169,53 @@ async def test_parallel_limit(tmp_path: Path) -> None:
                 "/v1/chat/completions", json={**body, "stream": False}, headers=key
             )
             assert r.status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_parallel_slot_is_free_when_the_answer_arrives(
+    gateway_client: Any, stream: bool
+) -> None:
+    """A client that sends its next request as soon as it has read the answer is not refused:
+    the slot is released before the last byte leaves (after it, a busy machine refused one)."""
+    _, client = gateway_client
+    key = (await new_key(client, max_parallel=1))["key"]
+    body = json.dumps({**CHAT, "stream": stream}).encode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [
+            (b"host", b"testserver"),
+            (b"content-type", b"application/json"),
+            (b"authorization", f"Bearer {key}".encode()),
+        ],
+        "client": ("127.0.0.1", 5000),
+        "server": ("testserver", 80),
+    }
+    requests = [{"type": "http.request", "body": body, "more_body": False}]
+    next_status: list[int] = []
+    answered = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        if requests:
+            return requests.pop()
+        await answered.wait()  # as a server does, once the answer has ended
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            r = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(key))
+            next_status.append(r.status_code)
+            answered.set()
+
+    await client.app(scope, receive, send)
+    assert next_status == [200]
 
 
 async def test_total_budget(gateway_client: Any) -> None:
