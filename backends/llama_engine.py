@@ -258,6 +258,7 @@ class Engine:
         """Time spent in llama_decode so far (seconds)."""
         self.busy_s = 0.0
         """Time the engine thread spent working so far: decoding, sampling, bookkeeping."""
+        self._step_decode_s = 0.0
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self._thread.start()
 
@@ -350,8 +351,12 @@ class Engine:
                     self._embed_step()
                 if any(s.seq is not None for s in self._slots):
                     self._step()
-                self._flush()
+                # Both counters move together, busy first, before the step's events go out: a
+                # scrape, even one the events prompted, never reads more decode than busy time.
                 self.busy_s += time.perf_counter() - started
+                self.decode_s += self._step_decode_s
+                self._step_decode_s = 0.0
+                self._flush()
         except BaseException as exc:  # a bug here must not leave clients waiting forever
             log.exception("engine %s stopped", self.name)
             with self._wake:
@@ -520,7 +525,7 @@ class Engine:
         batch.n_tokens = n
         started = time.perf_counter()
         status = llama_cpp.llama_decode(self._ctx.ctx, batch)
-        self.decode_s += time.perf_counter() - started
+        self._step_decode_s = time.perf_counter() - started
         self.steps += 1
         self.batch_tokens += n
         if status != 0:
