@@ -23,6 +23,7 @@ REBUILD = (
     "without the sapphirerapids (AMX) variant"
 )
 _TIMEOUT_S = 120.0
+_TARGET = "llama.cpp"
 
 
 def _isa(features: frozenset[str] | list[str]) -> str:
@@ -57,21 +58,18 @@ async def check_llama_build(cpu: frozenset[str] | None = None) -> list[Check]:
     return checks
 
 
+def _failed(problem: str, message: str) -> Check:
+    return Check(target=_TARGET, ok=False, problem=problem, message=message, fix=REBUILD)
+
+
 def _judge(cpu: frozenset[str], returncode: int | None, out: bytes, err: bytes) -> Check:
-    target = "llama.cpp"
     if returncode != 0:
         if returncode is not None and returncode < 0:
             why = f"killed by {signal.Signals(-returncode).name}"
         else:
             lines = err.decode(errors="replace").strip().splitlines()
             why = lines[-1] if lines else f"exit status {returncode}"
-        return Check(
-            target=target,
-            ok=False,
-            problem="llama_build_broken",
-            message=f"loading the llama.cpp library failed ({why})",
-            fix=REBUILD,
-        )
+        return _failed("llama_build_broken", f"loading the llama.cpp library failed ({why})")
     build = json.loads(out)
     features = frozenset(build["features"])
     variant, variants = build["variant"], build["variants"]
@@ -79,25 +77,19 @@ def _judge(cpu: frozenset[str], returncode: int | None, out: bytes, err: bytes) 
     message = f"llama-cpp-python {build['version']}, CPU backend: {where}, {_isa(features)}"
     missing = sorted((features & CPU_FLAGS.keys()) - cpu) if cpu else []
     if missing:
-        return Check(
-            target=target,
-            ok=False,
-            problem="llama_build_cpu_mismatch",
-            message=f"{message}; this CPU lacks {' '.join(missing)}: illegal instructions ahead",
-            fix=REBUILD,
+        return _failed(
+            "llama_build_cpu_mismatch",
+            f"{message}; this CPU lacks {' '.join(missing)}: illegal instructions ahead",
         )
     if amx := sorted(features & AMX):
-        return Check(
-            target=target,
-            ok=False,
-            problem="llama_build_amx",
-            message=f"{message}; {'/'.join(amx)} is known to crash llama_decode "
+        return _failed(
+            "llama_build_amx",
+            f"{message}; {'/'.join(amx)} is known to crash llama_decode "
             "(ggml_backend_amx_mul_mat): models load without AMX and without repacked weights",
-            fix=REBUILD,
         )
     note = None
     if not variants:
         note = "built for one instruction set: a portable build picks the best level per CPU"
     elif "sapphirerapids" in variants:
         note = "ships the AMX (sapphirerapids) level, which crashes where it is chosen"
-    return Check(target=target, ok=True, message=message, note=note)
+    return Check(target=_TARGET, ok=True, message=message, note=note)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import json
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,10 @@ CPU_FLAGS = {
 """ggml's names for x86 instruction sets, and the flag /proc/cpuinfo gives each."""
 
 _VARIANT = re.compile(r"libggml-cpu-(?P<name>[\w.]+)\.so")
+_LOADING = threading.Lock()
+"""Models load on worker threads, and ggml's registry is not thread-safe: two first loads at
+once would register the CPU backend twice. (The registry itself is the state; this only
+orders access to it.)"""
 
 
 def cpu_features(cpuinfo: str | None = None) -> frozenset[str]:
@@ -93,11 +98,12 @@ def load_cpu_backend(variant: str | None = None) -> None:
     `variant` loads that level instead (`haswell` is AVX2), to measure what another CPU gets.
     ggml keeps its own registry, so calling this again costs one lookup."""
     lib = _libggml()
-    if lib.ggml_backend_reg_count() == 0:
-        if variant is None:
-            lib.ggml_backend_load_all_from_path(str(_lib_dir()).encode())
-        else:
-            lib.ggml_backend_load(str(_lib_dir() / f"libggml-cpu-{variant}.so").encode())
+    with _LOADING:
+        if lib.ggml_backend_reg_count() == 0:
+            if variant is None:
+                lib.ggml_backend_load_all_from_path(str(_lib_dir()).encode())
+            else:
+                lib.ggml_backend_load(str(_lib_dir() / f"libggml-cpu-{variant}.so").encode())
     if lib.ggml_backend_reg_count() == 0:
         raise ConfigError(
             f"llama.cpp found no CPU backend it can run in {_lib_dir()}; rebuild it: "

@@ -64,7 +64,7 @@ from backends.gguf import (
 )
 from backends.llama_engine import End, Engine, EngineConfig, Event, Piece, Sampling, Sequence, Start
 from backends.llama_reply import OutputPlan, ReplyShaper, plan_output
-from backends.llama_runtime import AMX, build_features, load_cpu_backend
+from backends.llama_runtime import AMX, build_features, load_cpu_backend, loaded_variant
 from backends.llama_text import TokenLogprob
 from backends.memory import MemoryBudget
 
@@ -245,11 +245,12 @@ class _Loaded:
             raise
         self.n_ctx: int = backend.n_ctx
         log.info(
-            "loaded %s in %.2fs (%d slots of %d tokens)",
+            "loaded %s in %.2fs (%d slots of %d tokens; llama.cpp CPU level: %s)",
             backend.model_id,
             time.perf_counter() - started,
             options.slots,
             self.n_ctx,
+            loaded_variant() or "built in",
         )
 
     def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
