@@ -7,7 +7,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -65,6 +65,43 @@ class AppClient(httpx.AsyncClient):
             await super().__aexit__(exc_type, exc, traceback)
         finally:
             await self._lifespan.shutdown()
+
+
+def post_scope(path: str, authorization: str) -> dict[str, Any]:
+    """The ASGI scope of a JSON POST, for a test that drives the app itself (AppClient reads
+    whole responses; a test that must act mid-answer calls `client.app` with this)."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [
+            (b"host", b"testserver"),
+            (b"content-type", b"application/json"),
+            (b"authorization", authorization.encode()),
+        ],
+        "client": ("127.0.0.1", 5000),
+        "server": ("testserver", 80),
+    }
+
+
+def receive_body(body: bytes, ended: asyncio.Event) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """An ASGI receive: the request body, then a disconnect once `ended` is set (as a server
+    reports it after the answer has ended)."""
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await ended.wait()
+        return {"type": "http.disconnect"}
+
+    return receive
 
 
 class _Lifespan:

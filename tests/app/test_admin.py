@@ -15,7 +15,15 @@ from sqlalchemy import select
 from app.gateway import Gateway
 from app.server import create_app
 from app.storage.schema import ApiKey, AuditRecord
-from tests.conftest import AUTH, MASTER_KEY, AppClient, away_from_minute_boundary, make_config
+from tests.conftest import (
+    AUTH,
+    MASTER_KEY,
+    AppClient,
+    away_from_minute_boundary,
+    make_config,
+    post_scope,
+    receive_body,
+)
 from tests.serving import serve
 
 CHAT = {"model": "mock", "messages": [{"role": "user", "content": "hello there"}]}
@@ -180,33 +188,9 @@ async def test_the_parallel_slot_is_free_when_the_answer_arrives(
     _, client = gateway_client
     key = (await new_key(client, max_parallel=1))["key"]
     body = json.dumps({**CHAT, "stream": stream}).encode()
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/chat/completions",
-        "raw_path": b"/v1/chat/completions",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [
-            (b"host", b"testserver"),
-            (b"content-type", b"application/json"),
-            (b"authorization", f"Bearer {key}".encode()),
-        ],
-        "client": ("127.0.0.1", 5000),
-        "server": ("testserver", 80),
-    }
-    requests = [{"type": "http.request", "body": body, "more_body": False}]
+    scope = post_scope("/v1/chat/completions", f"Bearer {key}")
     next_status: list[int] = []
     answered = asyncio.Event()
-
-    async def receive() -> dict[str, Any]:
-        if requests:
-            return requests.pop()
-        await answered.wait()  # as a server does, once the answer has ended
-        return {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.body" and not message.get("more_body", False):
@@ -214,7 +198,7 @@ async def test_the_parallel_slot_is_free_when_the_answer_arrives(
             next_status.append(r.status_code)
             answered.set()
 
-    await client.app(scope, receive, send)
+    await client.app(scope, receive_body(body, answered), send)
     assert next_status == [200]
 
 

@@ -25,7 +25,14 @@ from app.config import load_config, parse_config
 from app.gateway import Gateway
 from app.metrics import MULTIPROCESS_ENV
 from app.server import create_app
-from tests.conftest import AUTH, AppClient, away_from_minute_boundary, make_config
+from tests.conftest import (
+    AUTH,
+    AppClient,
+    away_from_minute_boundary,
+    make_config,
+    post_scope,
+    receive_body,
+)
 from tests.services import REDIS_URL, require_redis
 from tests.serving import serve
 
@@ -227,32 +234,8 @@ async def test_in_flight_gauges_while_a_stream_runs() -> None:
     async with client_for(models=[slow]) as client:
         # The test client reads whole responses: drive the app itself for the held stream.
         body = json.dumps(chat("slow", stream=True)).encode()
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": CHAT_ROUTE,
-            "raw_path": CHAT_ROUTE.encode(),
-            "root_path": "",
-            "query_string": b"",
-            "headers": [
-                (b"host", b"testserver"),
-                (b"content-type", b"application/json"),
-                (b"authorization", AUTH["Authorization"].encode()),
-            ],
-            "client": ("127.0.0.1", 5000),
-            "server": ("testserver", 80),
-        }
+        scope = post_scope(CHAT_ROUTE, AUTH["Authorization"])
         first_event, gone = asyncio.Event(), asyncio.Event()
-        bodies = [{"type": "http.request", "body": body, "more_body": False}]
-
-        async def receive() -> dict[str, Any]:
-            if bodies:
-                return bodies.pop()
-            await gone.wait()  # as a server does, once the answer has ended
-            return {"type": "http.disconnect"}
 
         async def send(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.body":
@@ -261,7 +244,7 @@ async def test_in_flight_gauges_while_a_stream_runs() -> None:
                 if not message.get("more_body"):
                     gone.set()
 
-        held = asyncio.create_task(client.app(scope, receive, send))
+        held = asyncio.create_task(client.app(scope, receive_body(body, gone), send))
         await asyncio.wait_for(first_event.wait(), timeout=30)
         during = await scrape(client)
         await asyncio.wait_for(held, timeout=30)
