@@ -16,15 +16,18 @@ from litestar.di import NamedDependency
 from litestar.response import Stream
 from litestar.types import ExceptionHandlersMap
 
+from app.accounting import exchange_for
 from app.bodies import decode_body
 from app.gateway import Gateway
 from app.generation import chat_answer, chat_chunks
+from app.hosted_tools import note_left_out
 from app.messages_bridge import (
     CountTokensRequest,
     CountTokensResponse,
     MessagesRequest,
     estimate_input_tokens,
     message_events,
+    server_tools,
     to_chat_messages,
     to_chat_request,
     to_chat_tools,
@@ -45,11 +48,13 @@ async def create_message(
     """A message, streamed as Anthropic's named SSE events when `stream` is true."""
     req = decode_body(await request.body(), MessagesRequest)
     chat = to_chat_request(req)
+    left_out = server_tools(req.tools)
     # Counted at most once: for token limits, and for `message_start` of a stream.
     input_tokens = cache(lambda: estimate_input_tokens(chat.messages, chat.tools))
     ctx, served = await gateway.admit_model(
         request, req.model, lambda: input_tokens() + req.max_tokens
     )
+    note_left_out(exchange_for(request.scope), left_out)
     if req.stream:
         chunks = chat_chunks(request, gateway, ctx, served, chat)
         events = message_events(chunks, served.config.id, input_tokens)

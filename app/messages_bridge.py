@@ -20,6 +20,7 @@ import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from app.errors import InvalidRequest, UnsupportedParameter
+from app.hosted_tools import LeftOut, refuse_forced, refuse_required
 from app.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -428,12 +429,17 @@ def to_chat_messages(req: MessagesInput) -> list[ChatMessage]:
     return out
 
 
+def _is_server_tool(tool: ToolDefinition) -> bool:
+    return tool.type not in (None, "custom")
+
+
 def to_chat_tools(tools: list[ToolDefinition] | None) -> list[Tool] | None:
     """Client tools as chat function tools.
 
     Anthropic's server tools (web search, code execution: a `type` other than "custom") run
-    on Anthropic's side, which no backend here can do; they are left out rather than refused,
-    so that clients which always offer them still work.
+    on Anthropic's side, which no backend here can do; they are left out rather than refused
+    (`app.hosted_tools`; `server_tools` names them), so that clients which always offer them
+    still work.
     """
     if not tools:
         return None
@@ -445,9 +451,18 @@ def to_chat_tools(tools: list[ToolDefinition] | None) -> list[Tool] | None:
             ),
         )
         for tool in tools
-        if tool.type in (None, "custom")
+        if not _is_server_tool(tool)
     ]
     return defined or None
+
+
+def server_tools(tools: list[ToolDefinition] | None) -> list[LeftOut]:
+    """The server tools `to_chat_tools` leaves out, for the warning that says so."""
+    return [
+        LeftOut(f"tools[{i}]", str(tool.type))
+        for i, tool in enumerate(tools or ())
+        if _is_server_tool(tool)
+    ]
 
 
 def _tool_choice(
@@ -466,8 +481,22 @@ def _tool_choice(
     return NamedToolChoice(type="function", function=NamedFunction(choice.name)), parallel
 
 
+def _refuse_forced_server_tool(req: MessagesRequest, left_out: list[LeftOut]) -> None:
+    """A tool_choice that can only be met by a server tool left out cannot be answered."""
+    choice = req.tool_choice
+    if not left_out or choice is None:
+        return
+    if isinstance(choice, ToolChoiceTool):
+        forced = [t for t in req.tools or () if t.name == choice.name and _is_server_tool(t)]
+        if forced:
+            raise refuse_forced(str(forced[0].type), "tool_choice")
+    if isinstance(choice, ToolChoiceAny) and len(left_out) == len(req.tools or ()):
+        raise refuse_required(left_out, "tool_choice")
+
+
 def to_chat_request(req: MessagesRequest) -> ChatCompletionRequest:
     """The chat completion request that answers a Messages request."""
+    _refuse_forced_server_tool(req, server_tools(req.tools))
     tools = to_chat_tools(req.tools)
     tool_choice, parallel = _tool_choice(req.tool_choice) if tools else (None, None)
     return ChatCompletionRequest(

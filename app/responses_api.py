@@ -10,9 +10,11 @@ from litestar import Request, Response, post
 from litestar.di import NamedDependency
 from litestar.response import Stream
 
+from app.accounting import exchange_for
 from app.bodies import decode_body
 from app.gateway import Gateway
 from app.generation import chat_answer, chat_chunks
+from app.hosted_tools import note_left_out
 from app.responses import json_response, named_sse_response
 from app.responses_bridge import (
     ResponseStream,
@@ -36,9 +38,10 @@ async def create_response(
     )
     # Until the backend answers, the response names the model as configured (not an alias).
     shell = msgspec.structs.replace(bridged.shell, model=served.config.id)
+    note_left_out(exchange_for(request.scope), bridged.left_out)
     if req.stream:
         chunks = chat_chunks(request, gateway, ctx, served, bridged.chat)
-        stream = ResponseStream(shell)
+        stream = ResponseStream(shell, bridged.namespaced)
         return await named_sse_response(response_events(chunks, stream), stream.error)
     completion = await chat_answer(request, gateway, ctx, served, bridged.chat)
-    return json_response(bridge_response(completion, shell))
+    return json_response(bridge_response(completion, shell, bridged.namespaced))

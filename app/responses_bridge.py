@@ -19,6 +19,7 @@ import msgspec
 
 from app.bodies import convert
 from app.errors import InvalidRequest, UnsupportedParameter, UpstreamError
+from app.hosted_tools import OPENAI_BUILT_IN_TOOLS, LeftOut, refuse_forced, refuse_required
 from app.protocol import (
     ChatChoice,
     ChatCompletion,
@@ -59,6 +60,8 @@ from app.responses_protocol import (
     InputPart,
     InputText,
     MessageItem,
+    NamespaceTool,
+    NamespaceToolParam,
     OutputItem,
     OutputItemAdded,
     OutputItemDone,
@@ -226,8 +229,9 @@ def chat_messages(req: CreateResponse) -> list[ChatMessage]:
             content = _chat_content(item.content, f"{param}.content")
             messages.append(ChatMessage(role=item.role, content=content))
         elif isinstance(item, FunctionCallInput):
+            name = item.name if item.namespace is None else flat_name(item.namespace, item.name)
             call = ToolCall(
-                id=item.call_id, function=FunctionCall(name=item.name, arguments=item.arguments)
+                id=item.call_id, function=FunctionCall(name=name, arguments=item.arguments)
             )
             last = messages[-1] if messages else None
             if last is not None and last.role == "assistant":
@@ -243,55 +247,127 @@ def chat_messages(req: CreateResponse) -> list[ChatMessage]:
     return messages
 
 
-def chat_tools(req: CreateResponse) -> tuple[list[Tool], list[FunctionTool]]:
-    """Function tools as chat tools, and as echoed in the response; other tool types are
-    hosted tools (web search, file search, ...) that a local gateway cannot run."""
-    tools: list[Tool] = []
-    echoed: list[FunctionTool] = []
-    for i, raw in enumerate(req.tools or []):
-        kind = raw.get("type")
-        if kind != "function":
-            raise UnsupportedParameter(
-                f"tools of type {kind!r} are not supported; only function tools are "
-                "(hosted tools such as web_search or file_search need OpenAI's servers)",
-                param=f"tools[{i}].type",
-            )
-        # The Responses shape is chat's `function` object flattened beside `type`: decoding it
-        # as a FunctionDefinition applies chat's checks (e.g. on the name) and ignores `type`.
-        function = convert(raw, FunctionDefinition, f"tools[{i}]")
-        tools.append(Tool(type="function", function=function))
-        echoed.append(
-            FunctionTool(
-                name=function.name,
-                description=(
-                    function.description if function.description is not None else msgspec.UNSET
-                ),
-                parameters=function.parameters,
-                strict=function.strict,
-            )
+_NAMESPACE_DELIMITER = "__"
+
+
+def flat_name(namespace: str, name: str) -> str:
+    """A namespaced function's name as a plain function tool: `namespace__name`, the form
+    Codex itself uses where a boundary has no namespaces (stray underscores trimmed)."""
+    return f"{namespace.rstrip('_')}{_NAMESPACE_DELIMITER}{name.lstrip('_')}"
+
+
+@dataclass(frozen=True, slots=True)
+class ChatTools:
+    """A request's tools as chat sees them, and what the response needs to know of them."""
+
+    tools: list[Tool]
+    echoed: list[FunctionTool | NamespaceTool]
+    """As the response echoes them: built-in tools left out are not among them."""
+    namespaced: dict[str, tuple[str, str]]
+    """Flat name -> (namespace, name), to map the model's calls back."""
+    left_out: list[LeftOut]
+
+
+def _function_tool(
+    raw: dict[str, Any], param: str, flat: str | None = None
+) -> tuple[Tool, FunctionTool]:
+    """A Responses function tool as a chat tool (under `flat` if given) and as echoed."""
+    if raw.get("type") != "function":
+        raise UnsupportedParameter(
+            f"tools of type {raw.get('type')!r} are not supported inside a namespace; only "
+            "function tools are",
+            param=f"{param}.type",
         )
-    return tools, echoed
+    # The Responses shape is chat's `function` object flattened beside `type`: decoding it
+    # as a FunctionDefinition applies chat's checks (e.g. on the name) and ignores `type`.
+    function = convert(raw, FunctionDefinition, param)
+    echoed = FunctionTool(
+        name=function.name,
+        description=function.description if function.description is not None else msgspec.UNSET,
+        parameters=function.parameters,
+        strict=function.strict,
+    )
+    if flat is not None:
+        function = msgspec.structs.replace(function, name=flat)
+    return Tool(type="function", function=function), echoed
+
+
+def chat_tools(req: CreateResponse) -> ChatTools:
+    """Function tools as chat tools; a namespace's functions flattened (`flat_name`); built-in
+    tools left out; anything else refused."""
+    out = ChatTools(tools=[], echoed=[], namespaced={}, left_out=[])
+    seen: dict[str, str] = {}
+
+    def add(tool: Tool, param: str) -> None:
+        name = tool.function.name
+        if name in seen:
+            raise InvalidRequest(
+                f"{param} is named {name!r}, as {seen[name]} is; tool names must be unique",
+                param=param,
+            )
+        seen[name] = param
+        out.tools.append(tool)
+
+    for i, raw in enumerate(req.tools or []):
+        param = f"tools[{i}]"
+        kind = raw.get("type")
+        if kind == "function":
+            tool, echoed = _function_tool(raw, param)
+            add(tool, param)
+            out.echoed.append(echoed)
+        elif kind == "namespace":
+            namespace = convert(raw, NamespaceToolParam, param)
+            members: list[FunctionTool] = []
+            for j, member in enumerate(namespace.tools):
+                name = member.get("name")
+                flat = flat_name(namespace.name, name) if isinstance(name, str) else None
+                tool, echoed = _function_tool(member, f"{param}.tools[{j}]", flat)
+                add(tool, f"{param}.tools[{j}]")
+                out.namespaced[tool.function.name] = (namespace.name, echoed.name)
+                members.append(echoed)
+            out.echoed.append(
+                NamespaceTool(
+                    name=namespace.name, description=namespace.description or "", tools=members
+                )
+            )
+        elif kind in OPENAI_BUILT_IN_TOOLS:
+            out.left_out.append(LeftOut(param, str(kind)))
+        else:
+            raise UnsupportedParameter(
+                f"tools of type {kind!r} are not supported; function and namespace tools are "
+                "(built-in tools such as web_search are left out, as this gateway cannot run "
+                "them)",
+                param=f"{param}.type",
+            )
+    return out
 
 
 ChatToolChoice = Literal["none", "auto", "required"] | NamedToolChoice | None
 
 
 def chat_tool_choice(
-    req: CreateResponse,
+    req: CreateResponse, tools: ChatTools
 ) -> tuple[ChatToolChoice, Literal["none", "auto", "required"] | ToolChoiceFunction]:
     """`tool_choice` for chat, and as echoed in the response ("auto" when unset)."""
     choice = req.tool_choice
     if choice is None:
         return None, "auto"
     if isinstance(choice, str):
+        if choice == "required" and not tools.tools and tools.left_out:
+            raise refuse_required(tools.left_out, "tool_choice")
         return choice, choice
-    if choice.get("type") == "function" and isinstance(choice.get("name"), str):
-        name = choice["name"]
-        return NamedToolChoice(type="function", function=NamedFunction(name)), ToolChoiceFunction(
+    kind = choice.get("type")
+    name = choice.get("name")
+    if kind == "function" and isinstance(name, str):
+        namespace = choice.get("namespace")
+        flat = flat_name(namespace, name) if isinstance(namespace, str) else name
+        return NamedToolChoice(type="function", function=NamedFunction(flat)), ToolChoiceFunction(
             name
         )
+    if kind in OPENAI_BUILT_IN_TOOLS:
+        raise refuse_forced(str(kind), "tool_choice")
     raise UnsupportedParameter(
-        f"tool_choice of type {choice.get('type')!r} is not supported; use 'auto', 'none', "
+        f"tool_choice of type {kind!r} is not supported; use 'auto', 'none', "
         "'required' or {'type': 'function', 'name': ...}",
         param="tool_choice",
     )
@@ -332,14 +408,19 @@ class Bridged:
     chat: ChatCompletionRequest
     shell: ResponseObject
     """The response as it starts: id, echoed parameters, status in_progress, no output."""
+    namespaced: dict[str, tuple[str, str]]
+    """Flat tool name -> (namespace, name): how the model's calls are named in the output."""
+    left_out: list[LeftOut]
+    """Built-in tools the model does not see."""
 
 
 def bridge_request(req: CreateResponse) -> Bridged:
     """Translate a Responses request; 400 for what the chat path cannot do."""
     _refuse_stateful(req)
     messages = chat_messages(req)
-    tools, echoed_tools = chat_tools(req)
-    tool_choice, echoed_choice = chat_tool_choice(req)
+    offered = chat_tools(req)
+    tools = offered.tools
+    tool_choice, echoed_choice = chat_tool_choice(req, offered)
     chat = ChatCompletionRequest(
         messages=messages,
         model=req.model,
@@ -351,7 +432,8 @@ def bridge_request(req: CreateResponse) -> Bridged:
         temperature=req.temperature,
         top_p=req.top_p,
         tools=tools or None,
-        tool_choice=tool_choice,
+        # With every tool left out, a tool_choice would reach the backend without tools.
+        tool_choice=None if offered.left_out and not tools else tool_choice,
         # OpenAI's chat API refuses parallel_tool_calls without tools; upstreams may too.
         parallel_tool_calls=req.parallel_tool_calls if tools else None,
     )
@@ -368,13 +450,13 @@ def bridge_request(req: CreateResponse) -> Bridged:
         temperature=req.temperature,
         text=_echoed_text(req.text),
         tool_choice=echoed_choice,
-        tools=echoed_tools,
+        tools=offered.echoed,
         top_p=req.top_p,
         truncation=req.truncation or "disabled",
         user=req.user if req.user is not None else msgspec.UNSET,
         metadata=req.metadata or {},
     )
-    return Bridged(chat=chat, shell=shell)
+    return Bridged(chat=chat, shell=shell, namespaced=offered.namespaced, left_out=offered.left_out)
 
 
 # ---- response: ChatCompletion -> response object
@@ -413,7 +495,27 @@ def _item_status(finish_reason: str | None) -> Literal["completed", "incomplete"
     return "incomplete" if finish_reason in _INCOMPLETE else "completed"
 
 
-def _output_items(choice: ChatChoice) -> list[OutputItem]:
+def _call_item(
+    item_id: str,
+    call_id: str,
+    name: str,
+    arguments: str,
+    status: Literal["in_progress", "completed"],
+    namespaced: dict[str, tuple[str, str]],
+) -> FunctionCallItem:
+    """A function call item; a flattened namespace function is named as the client named it."""
+    namespace, own = namespaced.get(name, (None, name))
+    return FunctionCallItem(
+        id=item_id,
+        call_id=call_id,
+        namespace=msgspec.UNSET if namespace is None else namespace,
+        name=own,
+        arguments=arguments,
+        status=status,
+    )
+
+
+def _output_items(choice: ChatChoice, namespaced: dict[str, tuple[str, str]]) -> list[OutputItem]:
     """A chat choice's reasoning, text and tool calls as output items, in that order."""
     message = choice.message
     status = _item_status(choice.finish_reason)
@@ -436,23 +538,30 @@ def _output_items(choice: ChatChoice) -> list[OutputItem]:
             MessageItem(id=new_id("msg"), status=status, content=content or [OutputText(text="")])
         )
     items.extend(
-        FunctionCallItem(
-            id=new_id("fc"),
-            call_id=call.id,
-            name=call.function.name,
-            arguments=call.function.arguments,
-            status="completed",
+        _call_item(
+            new_id("fc"),
+            call.id,
+            call.function.name,
+            call.function.arguments,
+            "completed",
+            namespaced,
         )
         for call in calls
     )
     return items
 
 
-def bridge_response(completion: ChatCompletion, shell: ResponseObject) -> ResponseObject:
-    """A chat completion as the response to a Responses request."""
+def bridge_response(
+    completion: ChatCompletion,
+    shell: ResponseObject,
+    namespaced: dict[str, tuple[str, str]] | None = None,
+) -> ResponseObject:
+    """A chat completion as the response to a Responses request (`Bridged.namespaced` names
+    the calls of namespaced functions)."""
     choice = completion.choices[0]
     usage = completion.usage if isinstance(completion.usage, Usage) else None
-    return _finished(shell, completion.model, _output_items(choice), choice.finish_reason, usage)
+    output = _output_items(choice, namespaced or {})
+    return _finished(shell, completion.model, output, choice.finish_reason, usage)
 
 
 # ---- stream: chat chunks -> named events
@@ -484,8 +593,11 @@ class ResponseStream:
     numbered as they are made, the error event included.
     """
 
-    def __init__(self, shell: ResponseObject) -> None:
+    def __init__(
+        self, shell: ResponseObject, namespaced: dict[str, tuple[str, str]] | None = None
+    ) -> None:
         self._shell = shell
+        self._namespaced = namespaced or {}
         self._sequence = 0
         self._output: list[OutputItem] = []
         self._open: _OpenItem | None = None
@@ -634,9 +746,7 @@ class ResponseStream:
         return [
             OutputItemAdded(
                 output_index=index,
-                item=FunctionCallItem(
-                    id=item.id, call_id=call_id, name=name, arguments="", status="in_progress"
-                ),
+                item=_call_item(item.id, call_id, name, "", "in_progress", self._namespaced),
             )
         ]
 
@@ -668,12 +778,11 @@ class ResponseStream:
         else:
             assert item.tool_index is not None
             self._done_tools.add(item.tool_index)
-            done = FunctionCallItem(
-                id=item.id, call_id=item.call_id, name=item.name, arguments=text, status="completed"
-            )
+            call = _call_item(item.id, item.call_id, item.name, text, "completed", self._namespaced)
+            done = call
             events = [
                 FunctionCallArgumentsDone(
-                    item_id=item.id, name=item.name, output_index=index, arguments=text
+                    item_id=item.id, name=call.name, output_index=index, arguments=text
                 )
             ]
         self._output.append(done)

@@ -9,9 +9,9 @@ here and checked one by one in the bridge, so that an error names the exact item
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from msgspec import UNSET, Struct, UnsetType, field
+from msgspec import UNSET, Meta, Struct, UnsetType, field
 
 from app.protocol import Probability, Temperature, TokenCount
 
@@ -70,6 +70,8 @@ class FunctionCallInput(Struct, kw_only=True):
     """A function call the model made in an earlier turn, sent back."""
 
     call_id: str
+    namespace: str | None = None
+    """Set when the function belongs to a `namespace` tool."""
     name: str
     arguments: str
 
@@ -82,6 +84,14 @@ class FunctionCallOutputInput(Struct, kw_only=True):
 
 
 # ---- requests: the rest
+
+
+class NamespaceToolParam(Struct, kw_only=True):
+    """A `namespace` tool: function tools grouped under one name (Codex's sub-agent tools)."""
+
+    name: Annotated[str, Meta(min_length=1)]
+    description: str | None = None
+    tools: Annotated[list[dict[str, Any]], Meta(min_length=1)]
 
 
 class TextFormat(Struct, kw_only=True, omit_defaults=True):
@@ -150,6 +160,8 @@ class FunctionCallItem(Struct, tag_field="type", tag="function_call", kw_only=Tr
 
     id: str
     call_id: str
+    namespace: str | UnsetType = UNSET
+    """The `namespace` tool the function belongs to, if any (then `name` is its own name)."""
     name: str
     arguments: str
     status: ItemStatus
@@ -182,6 +194,14 @@ class FunctionTool(Struct, tag_field="type", tag="function", kw_only=True):
     description: str | UnsetType = UNSET
     parameters: dict[str, Any] | None
     strict: bool | None
+
+
+class NamespaceTool(Struct, tag_field="type", tag="namespace", kw_only=True):
+    """A `namespace` tool (functions grouped under one name), as echoed in the response."""
+
+    name: str
+    description: str
+    tools: list[FunctionTool]
 
 
 class ToolChoiceFunction(Struct, tag_field="type", tag="function"):
@@ -239,7 +259,7 @@ class ResponseObject(Struct, kw_only=True):
     temperature: float | None
     text: TextConfig
     tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction
-    tools: list[FunctionTool]
+    tools: list[FunctionTool | NamespaceTool]
     top_p: float | None
     truncation: Literal["auto", "disabled"]
     usage: ResponseUsage | UnsetType = UNSET

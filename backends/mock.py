@@ -5,7 +5,8 @@ a completion with a `suffix` (fill-in-the-middle) is that text followed by ` bef
 suffix, so tests can see the suffix arrived; embeddings are unit vectors derived from a hash of
 the input. Options:
 `reply`, `token_delay_ms`, `dimensions`, `fail_after_tokens` (raise mid-stream), `fail_with`
-(raise before anything: what a failing upstream would), `healthy`.
+(raise before anything: what a failing upstream would), `healthy`, and for tool calls
+`tool_arguments`, `tool_name`, `answers_tool_results`.
 """
 
 from __future__ import annotations
@@ -86,6 +87,11 @@ class MockOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     tool_arguments: dict[str, Any] | None = None
     """Makes the mock accept tools: with tools in the request (and `tool_choice` not "none") it
     calls the named or first tool with these arguments instead of replying."""
+    tool_name: str | None = None
+    """The tool to call when it is offered (and no `tool_choice` names another), not the first."""
+    answers_tool_results: bool = False
+    """With a tool result last in the conversation, reply to it ("You said: <result>") instead
+    of calling again: the turn an agent client (Codex) needs to finish."""
     fail_with: Failure | None = None
     """Fail every call before its first token with this error."""
     healthy: bool = True
@@ -130,7 +136,10 @@ class MockBackend:
         arguments = self.options.tool_arguments
         if arguments is None or not req.tools or req.tool_choice == "none":
             return None
-        name = req.tools[0].function.name
+        if self._answering_tool_result(req):
+            return None
+        names = [tool.function.name for tool in req.tools]
+        name = self.options.tool_name if self.options.tool_name in names else names[0]
         if isinstance(req.tool_choice, NamedToolChoice):
             name = req.tool_choice.function.name
         return ToolCall(
@@ -175,8 +184,12 @@ class MockBackend:
         if self.options.token_delay_ms:
             await asyncio.sleep(self.options.token_delay_ms / 1000)
 
-    @staticmethod
-    def _chat_prompt(req: ChatCompletionRequest) -> str:
+    def _answering_tool_result(self, req: ChatCompletionRequest) -> bool:
+        return self.options.answers_tool_results and req.messages[-1].role == "tool"
+
+    def _chat_prompt(self, req: ChatCompletionRequest) -> str:
+        if self._answering_tool_result(req):
+            return req.messages[-1].text()
         users = [m for m in req.messages if m.role == "user"]
         return users[-1].text() if users else req.messages[-1].text()
 

@@ -271,6 +271,57 @@ async def test_malformed_tools_are_400(make_client: Any, extra: dict[str, Any], 
         assert error["type"] == "invalid_request_error"
 
 
+WEB_SEARCH = {"type": "web_search", "external_web_access": False}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_built_in_tools_are_left_out_with_a_warning(make_client: Any, stream: bool) -> None:
+    config = make_config([{"id": "t", "backend": "mock:", "options": {"tool_arguments": {}}}])
+    async with make_client(config) as client:
+        offered = [WEB_SEARCH, tool("g"), {"type": "file_search"}]
+        r = await client.post(
+            "/v1/chat/completions",
+            json=chat(model="t", tools=offered, stream=stream),
+            headers=AUTH,
+        )
+        assert r.status_code == 200, r.text
+        warning = r.headers["x-clawbot-warning"]
+        assert warning.startswith("tools[0] (web_search), tools[2] (file_search) left out")
+        calls = (
+            [e["choices"][0]["delta"] for e in sse_events(r.text)[:-1] if e["choices"]]
+            if stream
+            else [r.json()["choices"][0]["message"]]
+        )
+        names = [
+            c["function"]["name"]
+            for d in calls
+            for c in d.get("tool_calls") or []
+            if "function" in c and c["function"].get("name")
+        ]
+        assert names == ["g"]
+        # Only built-in tools: answered as a plain chat, or refused when a call is required.
+        r = await client.post(
+            "/v1/chat/completions", json=chat(model="t", tools=[WEB_SEARCH]), headers=AUTH
+        )
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["message"]["content"]
+        r = await client.post(
+            "/v1/chat/completions",
+            json=chat(model="t", tools=[WEB_SEARCH], tool_choice="required"),
+            headers=AUTH,
+        )
+        assert r.status_code == 400
+        assert r.json()["error"]["param"] == "tool_choice"
+        # A bad function tool beside a built-in one is still named by its own place.
+        r = await client.post(
+            "/v1/chat/completions",
+            json=chat(model="t", tools=[WEB_SEARCH, tool("bad name!")]),
+            headers=AUTH,
+        )
+        assert r.status_code == 400
+        assert r.json()["error"]["param"] == "tools[1].function.name"
+
+
 async def test_images_unsupported_by_backend_is_400(client: AppClient) -> None:
     content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
     r = await client.post(

@@ -23,10 +23,12 @@ from app.errors import (
     UpstreamStatusError,
     UpstreamTimeout,
 )
+from app.hosted_tools import LeftOut
 from app.messages_bridge import (
     MessagesRequest,
     estimate_input_tokens,
     message_events,
+    server_tools,
     stop_reason,
     to_chat_messages,
     to_chat_request,
@@ -264,14 +266,32 @@ def test_tools_and_tool_choice(
     assert chat.parallel_tool_calls is parallel
 
 
+SEARCH_TOOL = {"type": "web_search_20250305", "name": "web_search", "max_uses": 3}
+
+
 def test_server_tools_are_left_out() -> None:
-    search = {"type": "web_search_20250305", "name": "web_search", "max_uses": 3}
-    chat = to_chat_request(request(tools=[search], tool_choice={"type": "any"}))
+    chat = to_chat_request(request(tools=[SEARCH_TOOL], tool_choice={"type": "auto"}))
     assert chat.tools is None
     assert chat.tool_choice is None
-    chat = to_chat_request(request(tools=[search, {**WEATHER_TOOL, "type": "custom"}]))
+    req = request(tools=[SEARCH_TOOL, {**WEATHER_TOOL, "type": "custom"}])
+    chat = to_chat_request(req)
     assert chat.tools is not None
     assert [t.function.name for t in chat.tools] == ["get_weather"]
+    assert server_tools(req.tools) == [LeftOut("tools[0]", "web_search_20250305")]
+
+
+@pytest.mark.parametrize(
+    ("tools", "choice"),
+    [
+        ([SEARCH_TOOL, WEATHER_TOOL], {"type": "tool", "name": "web_search"}),
+        ([SEARCH_TOOL], {"type": "any"}),
+    ],
+)
+def test_forcing_a_server_tool_is_refused(tools: list[Any], choice: dict[str, Any]) -> None:
+    with pytest.raises(UnsupportedParameter) as caught:
+        to_chat_request(request(tools=tools, tool_choice=choice))
+    assert caught.value.param == "tool_choice"
+    assert "web_search" in caught.value.message
 
 
 def test_input_token_estimate_counts_messages_tool_calls_and_tools() -> None:
@@ -638,6 +658,17 @@ async def test_tool_use_round_trip(client: AppClient) -> None:
     assert r.status_code == 200, r.text
     assert r.json()["content"] == [{"type": "text", "text": "You said: Paris?"}]
     assert r.json()["stop_reason"] == "end_turn"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_server_tools_left_out_are_named_in_a_header(client: AppClient, stream: bool) -> None:
+    payload = body(model="tools", tools=[SEARCH_TOOL, WEATHER_TOOL], stream=stream)
+    r = await client.post("/v1/messages", json=payload, headers=KEY)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-clawbot-warning"].startswith("tools[0] (web_search_20250305) left out")
+    forced = body(tools=[SEARCH_TOOL], tool_choice={"type": "any"})
+    r = await client.post("/v1/messages", json=forced, headers=KEY)
+    assert "web_search" in assert_anthropic_error(r, 400, "invalid_request_error")
 
 
 async def test_stream_tool_use(client: AppClient) -> None:

@@ -33,6 +33,7 @@ from app.responses_bridge import (
     bridge_request,
     bridge_response,
     chat_messages,
+    flat_name,
     named,
     response_events,
 )
@@ -299,12 +300,14 @@ def test_named_tool_choice() -> None:
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ({"tools": [{"type": "teleport"}]}, "tools[0].type"),
+        ({"tools": [WEATHER_TOOL, {"type": "custom", "name": "patch"}]}, "tools[1].type"),
         (
-            {"tools": [WEATHER_TOOL, {"type": "file_search", "vector_store_ids": []}]},
-            "tools[1].type",
+            {"tools": [{"type": "namespace", "name": "ns", "tools": [{"type": "web_search"}]}]},
+            "tools[0].tools[0].type",
         ),
         ({"tool_choice": {"type": "web_search_preview"}}, "tool_choice"),
+        ({"tools": [{"type": "web_search"}], "tool_choice": "required"}, "tool_choice"),
         ({"previous_response_id": "resp_123"}, "previous_response_id"),
         ({"conversation": "conv_123"}, "conversation"),
         ({"background": True}, "background"),
@@ -318,8 +321,77 @@ def test_what_the_chat_path_cannot_do_is_unsupported(fields: dict[str, Any], par
 
 
 def test_unsupported_tool_type_is_named() -> None:
-    with pytest.raises(UnsupportedParameter, match="'web_search'"):
-        bridge_request(request(tools=[{"type": "web_search"}]))
+    with pytest.raises(UnsupportedParameter, match="'teleport'"):
+        bridge_request(request(tools=[{"type": "teleport"}]))
+
+
+# What Codex CLI 0.171 offers by default: function tools, a namespace of sub-agent tools and a
+# web search that may not reach the web.
+SPAWN_TOOL: dict[str, Any] = {
+    "type": "function",
+    "name": "spawn_agent",
+    "description": "Start a sub-agent",
+    "parameters": {"type": "object", "properties": {"task": {"type": "string"}}},
+    "strict": False,
+}
+AGENTS_NAMESPACE: dict[str, Any] = {
+    "type": "namespace",
+    "name": "multi_agent_v1",
+    "description": "Tools for spawning and managing sub-agents.",
+    "tools": [SPAWN_TOOL],
+}
+WEB_SEARCH: dict[str, Any] = {"type": "web_search", "external_web_access": False}
+CODEX_TOOLS = [WEATHER_TOOL, AGENTS_NAMESPACE, WEB_SEARCH]
+
+
+def test_built_in_tools_are_left_out_and_namespaces_flattened() -> None:
+    bridged = bridge_request(request(tools=CODEX_TOOLS, tool_choice="auto"))
+    chat_tools = bridged.chat.tools or []
+    assert [t.function.name for t in chat_tools] == ["get_weather", "multi_agent_v1__spawn_agent"]
+    assert chat_tools[1].function.parameters == SPAWN_TOOL["parameters"]
+    assert bridged.chat.tool_choice == "auto"
+    assert [(t.param, t.kind) for t in bridged.left_out] == [("tools[2]", "web_search")]
+    assert bridged.namespaced == {"multi_agent_v1__spawn_agent": ("multi_agent_v1", "spawn_agent")}
+    # Echoed as sent, less what the model does not see.
+    assert as_json(bridged.shell.tools) == [WEATHER_TOOL, AGENTS_NAMESPACE]
+
+
+def test_only_built_in_tools_leave_no_tools_and_no_tool_choice() -> None:
+    bridged = bridge_request(request(tools=[WEB_SEARCH], tool_choice="auto"))
+    assert bridged.chat.tools is None
+    assert bridged.chat.tool_choice is None
+    assert len(bridged.left_out) == 1
+
+
+def test_flat_names_trim_stray_underscores_as_codex_does() -> None:
+    assert flat_name("mcp__github_", "_create_issue") == "mcp__github__create_issue"
+
+
+def test_tool_names_must_be_unique_once_flattened() -> None:
+    clash = {**WEATHER_TOOL, "name": "multi_agent_v1__spawn_agent"}
+    with pytest.raises(InvalidRequest) as caught:
+        bridge_request(request(tools=[clash, AGENTS_NAMESPACE]))
+    assert caught.value.param == "tools[1].tools[0]"
+
+
+def test_a_namespaced_call_sent_back_reaches_chat_under_its_flat_name() -> None:
+    call = {
+        "type": "function_call",
+        "call_id": "call_1",
+        "namespace": "multi_agent_v1",
+        "name": "spawn_agent",
+        "arguments": "{}",
+    }
+    messages = chat_messages(request(input=[{"role": "user", "content": "go"}, call]))
+    [tool_call] = messages[-1].tool_calls or []
+    assert tool_call.function.name == "multi_agent_v1__spawn_agent"
+
+
+def test_a_namespaced_tool_choice_is_flattened() -> None:
+    choice = {"type": "function", "namespace": "multi_agent_v1", "name": "spawn_agent"}
+    bridged = bridge_request(request(tools=CODEX_TOOLS, tool_choice=choice))
+    assert isinstance(bridged.chat.tool_choice, NamedToolChoice)
+    assert bridged.chat.tool_choice.function.name == "multi_agent_v1__spawn_agent"
 
 
 def test_previous_response_id_says_the_gateway_is_stateless() -> None:
@@ -462,6 +534,20 @@ def test_tool_calls_become_function_call_items() -> None:
     assert all(i["id"].startswith("fc_") and i["status"] == "completed" for i in body["output"])
 
 
+def test_namespaced_calls_come_back_under_their_namespace() -> None:
+    bridged = bridge_request(request(tools=CODEX_TOOLS))
+    call = ToolCall(
+        id="call_a", function=FunctionCall(name="multi_agent_v1__spawn_agent", arguments="{}")
+    )
+    message = ResponseMessage(content=None, tool_calls=[call])
+    body = as_json(
+        bridge_response(completion(message, "tool_calls"), bridged.shell, bridged.namespaced)
+    )
+    validate("Response", body)
+    [item] = body["output"]
+    assert (item["namespace"], item["name"]) == ("multi_agent_v1", "spawn_agent")
+
+
 def test_length_becomes_incomplete() -> None:
     shell = bridge_request(request(max_output_tokens=2)).shell
     body = as_json(bridge_response(completion(ResponseMessage(content="one two"), "length"), shell))
@@ -519,7 +605,8 @@ async def stream_events(chunks: list[Any], **fields: Any) -> list[dict[str, Any]
         for c in chunks:
             yield c
 
-    stream = ResponseStream(bridge_request(request(**fields)).shell)
+    bridged = bridge_request(request(**fields))
+    stream = ResponseStream(bridged.shell, bridged.namespaced)
     events = []
     async for name, event in response_events(source(), stream):
         body = as_json(event)
@@ -700,6 +787,24 @@ async def test_error_event_continues_the_numbering() -> None:
     }
 
 
+async def test_streamed_namespaced_call_is_named_as_the_client_named_it() -> None:
+    events = await stream_events(
+        [
+            chunk(call_delta(0, "call_1", "multi_agent_v1__spawn_agent", '{"task":')),
+            chunk(call_delta(0, args='"x"}')),
+            chunk(ChunkDelta(), "tool_calls"),
+        ],
+        tools=CODEX_TOOLS,
+    )
+    added = next(e for e in events if e["type"] == "response.output_item.added")
+    done = next(e for e in events if e["type"] == "response.function_call_arguments.done")
+    final = events[-1]["response"]["output"][0]
+    for item in (added["item"], final):
+        assert (item["namespace"], item["name"]) == ("multi_agent_v1", "spawn_agent")
+    assert done["name"] == "spawn_agent"
+    assert final["arguments"] == '{"task":"x"}'
+
+
 def test_event_names_are_their_types() -> None:
     stream = ResponseStream(bridge_request(request()).shell)
     for event in stream.start("mock"):
@@ -731,6 +836,15 @@ TOOL_MODELS: list[dict[str, Any]] = [
     {"id": "tools", "backend": "mock:", "options": {"tool_arguments": {"city": "Paris"}}},
     {"id": "broken", "backend": "mock:", "options": {"fail_after_tokens": 2}},
     {"id": "down", "backend": "mock:", "options": {"fail_with": "unavailable"}},
+    {
+        "id": "agent",
+        "backend": "mock:",
+        "options": {
+            "tool_arguments": {"task": "count files"},
+            "tool_name": "multi_agent_v1__spawn_agent",
+            "answers_tool_results": True,
+        },
+    },
 ]
 
 
@@ -824,6 +938,48 @@ async def test_route_tool_call_and_round_trip(tools_client: AppClient) -> None:
     assert answer["tool_choice"] == "none"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_route_serves_codex_tools(tools_client: AppClient, stream: bool) -> None:
+    """Codex's default tools: the web search is left out (and the answer says so), the
+    namespaced function is called under its namespace, and its result is answered."""
+    user = {"role": "user", "content": "count the files"}
+    first = await tools_client.post(
+        "/v1/responses",
+        json=body(
+            model="agent", input=[user], tools=CODEX_TOOLS, tool_choice="auto", stream=stream
+        ),
+        headers=AUTH,
+    )
+    assert first.status_code == 200, first.text
+    assert first.headers["x-clawbot-warning"].startswith("tools[2] (web_search) left out")
+    response = sse_named_events(first.text)[-1]["response"] if stream else first.json()
+    validate("Response", response)
+    [call] = response["output"]
+    assert (call["type"], call["namespace"], call["name"]) == (
+        "function_call",
+        "multi_agent_v1",
+        "spawn_agent",
+    )
+    assert json.loads(call["arguments"]) == {"task": "count files"}
+    result = {"type": "function_call_output", "call_id": call["call_id"], "output": "3 files"}
+    second = await tools_client.post(
+        "/v1/responses",
+        json=body(model="agent", input=[user, call, result], tools=CODEX_TOOLS),
+        headers=AUTH,
+    )
+    answer = second.json()
+    validate("Response", answer)
+    assert answer["output"][0]["content"][0]["text"] == "You said: 3 files"
+
+
+async def test_route_without_built_in_tools_has_no_warning(tools_client: AppClient) -> None:
+    r = await tools_client.post(
+        "/v1/responses", json=body(model="tools", tools=[WEATHER_TOOL]), headers=AUTH
+    )
+    assert r.status_code == 200
+    assert "x-clawbot-warning" not in r.headers
+
+
 async def test_route_streamed_tool_call(tools_client: AppClient) -> None:
     r = await tools_client.post(
         "/v1/responses",
@@ -862,7 +1018,7 @@ async def test_route_unknown_model_is_404(client: AppClient) -> None:
         (body(max_output_tokens=0), "max_output_tokens"),
         (body(text={"format": {"type": "yaml"}}), "text.format.type"),
         (body(input=[{"role": "user", "content": 5}]), "input[0].content"),
-        (body(tools=[{"type": "web_search"}]), "tools[0].type"),
+        (body(tools=[{"type": "teleport"}]), "tools[0].type"),
         (body(previous_response_id="resp_1"), "previous_response_id"),
     ],
 )
