@@ -46,7 +46,10 @@ class Exchange:
     completion_tokens: int | None = None
     status: int = 0
     error_type: str | None = None
-    first_byte_at: float | None = None
+    first_token_at: float | None = None
+    """When a stream's first generated token (text, reasoning, a tool call) passed through:
+    what TTFT measures, rather than the first byte (a Responses stream sends
+    `response.created` long before the model has produced anything)."""
     finished_at: float | None = None
     template: str | None = None
     """The matched route's path template (`/admin/keys/{key_id}`); None if none matched."""
@@ -77,10 +80,10 @@ class Exchange:
 
     @property
     def ttft_ms(self) -> float | None:
-        """For streams: from arrival to the first event sent."""
-        if not self.stream or self.first_byte_at is None:
+        """For streams: from arrival to the first generated token; None if none came."""
+        if not self.stream or self.first_token_at is None:
             return None
-        return (self.first_byte_at - self.started) * 1000
+        return (self.first_token_at - self.started) * 1000
 
     def record_usage(self, prompt_tokens: int | None, completion_tokens: int | None) -> None:
         """Token usage, once known."""
@@ -171,8 +174,6 @@ class Accounting:
                     message["headers"] = headers
             elif message["type"] == "http.response.body":
                 body = message.get("body", b"")
-                if body and exchange.first_byte_at is None:
-                    exchange.first_byte_at = time.perf_counter()
                 if exchange.response_body is not None and len(exchange.response_body) < _BODY_CAP:
                     exchange.response_body.extend(body)
                 if not message.get("more_body", False):

@@ -481,8 +481,8 @@ class Metrics:
         end = exchange.finished_at if exchange.finished_at is not None else time.perf_counter()
         seconds = end - exchange.started
         row.latency.observe(seconds)
-        if exchange.stream and exchange.first_byte_at is not None:
-            row.child("ttft").observe(exchange.first_byte_at - exchange.started)
+        if exchange.ttft_ms is not None:
+            row.child("ttft").observe(exchange.ttft_ms / 1000)
         if exchange.backend is not None:
             row.child("overhead").observe(max(0.0, seconds - exchange.upstream_s))
         elif status == 429 and code in RATE_LIMIT_CODES:

@@ -15,11 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import select
 
 from app.accounting import Exchange
 from app.config import Config, ConfigError, parse_config
 from app.context import RequestContext
+from app.gateway import Gateway
 from app.logs import (
     ACCESS_LOGGER,
     REDACTED,
@@ -28,6 +32,8 @@ from app.logs import (
     log_access,
     setup_logging,
 )
+from app.server import create_app
+from app.storage.schema import AuditRecord
 from tests.conftest import AUTH, MASTER_KEY, AppClient
 from tests.services import REDIS_URL, require_redis
 from tests.serving import serve
@@ -164,6 +170,60 @@ async def test_access_line_of_a_stream_has_ttft(tmp_path: Path, make_client: Cli
     assert 0 < line["ttft_ms"] <= line["latency_ms"]
 
 
+TOKEN_DELAY_MS = 150
+SLOW_MODEL = {
+    "id": "slow",
+    "backend": "mock:",
+    "options": {"reply": "one two", "token_delay_ms": TOKEN_DELAY_MS},
+}
+USER = [{"role": "user", "content": "hi"}]
+STREAMS: dict[str, dict[str, Any]] = {
+    "/v1/chat/completions": {"model": "slow", "messages": USER},
+    "/v1/completions": {"model": "slow", "prompt": "hi"},
+    "/v1/responses": {"model": "slow", "input": "hi"},
+    "/v1/messages": {"model": "slow", "messages": USER, "max_tokens": 16},
+}
+
+
+async def test_ttft_is_the_first_token_on_every_streaming_api(tmp_path: Path) -> None:
+    """The mock sends its role chunk at once and each token after a delay: TTFT is the first
+    token's time (a Responses stream's `response.created` and the role chunk come earlier),
+    the same in the access line, the audit row and the histogram."""
+    config = parse_config(
+        {
+            **msgspec.to_builtins(config_with(tmp_path)),
+            "models": [CHAT_MODEL, SLOW_MODEL],
+        }
+    )
+    path = Path(config.logging.path)
+    setup_logging(config)
+    gateway = Gateway.from_config(config)
+    async with AppClient(create_app(gateway)) as client:
+        for route, payload in STREAMS.items():
+            r = await client.post(route, json={**payload, "stream": True}, headers=AUTH)
+            assert r.status_code == 200, r.text
+        scraped = (await client.get("/metrics", headers=AUTH)).text
+        await gateway.audit.aclose(timeout_s=5)
+        async with gateway.db.session() as session:
+            rows = (await session.execute(select(AuditRecord))).scalars().all()
+    lines = {line["path"]: line for line in access(path)}
+    audited = {row.route: row for row in rows}
+    histogram = {
+        (s.name, s.labels.get("route")): s.value
+        for family in text_string_to_metric_families(scraped)
+        for s in family.samples
+        if s.name.startswith("clawbot_time_to_first_token_seconds_")
+    }
+    for route in STREAMS:
+        line = lines[route]
+        assert TOKEN_DELAY_MS <= line["ttft_ms"] < line["latency_ms"], route
+        assert audited[route].ttft_ms == pytest.approx(line["ttft_ms"], abs=0.01), route
+        count = histogram[("clawbot_time_to_first_token_seconds_count", route)]
+        seconds = histogram[("clawbot_time_to_first_token_seconds_sum", route)]
+        assert count == 1, route
+        assert seconds == pytest.approx(line["ttft_ms"] / 1000, abs=1e-4), route
+
+
 def finished_exchange(path: str = "/v1/chat/completions") -> Exchange:
     exchange = Exchange(
         started=time.perf_counter() - 0.05,
@@ -177,7 +237,7 @@ def finished_exchange(path: str = "/v1/chat/completions") -> Exchange:
         completion_tokens=5,
         status=200,
     )
-    exchange.first_byte_at = exchange.started + 0.01
+    exchange.first_token_at = exchange.started + 0.01
     exchange.finished_at = exchange.started + 0.05
     exchange.ctx = RequestContext(
         request_id="req_same", client_ip="10.0.0.9", route=path, credential=None, model="mock"
