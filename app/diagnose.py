@@ -66,11 +66,16 @@ class Check(msgspec.Struct, frozen=True, kw_only=True):
     """Time the probe took."""
     note: str | None = None
     """Something worth knowing even when it passed."""
+    warning: str | None = None
+    """It passed, but something is likely to bite (`fix` says what to change)."""
 
     def line(self) -> str:
         """One line for humans."""
         named = not self.backend or self.target.endswith(f"/{self.backend}")
         where = self.target if named else f"{self.target} [{self.backend}]"
+        if self.ok and self.warning:
+            fix = f"; fix: {self.fix}" if self.fix else ""
+            return f"WARN {where}: {self.message}; {self.warning}{fix}"
         if self.ok:
             took = f" ({self.latency_ms:.0f} ms)" if self.latency_ms is not None else ""
             text = f"OK   {where}: {self.message}{took}"
@@ -154,8 +159,31 @@ async def probe_loaded(target: str, deployment: Deployment) -> Check:
             message="the backend started but reports it cannot serve",
             fix="check the backend's options and the log above",
         )
+    warning, fix = _short_context(backend)
     return Check(
-        target=target, ok=True, backend=deployment.label, message="loaded", latency_ms=latency
+        target=target,
+        ok=True,
+        backend=deployment.label,
+        message="loaded",
+        latency_ms=latency,
+        warning=warning,
+        fix=fix,
+    )
+
+
+def _short_context(backend: object) -> tuple[str | None, str | None]:
+    """A warning when a GGUF model runs with less context than it was trained for: agent
+    clients' prompts then do not fit (Codex CLI's alone is about 6,200 tokens)."""
+    n_ctx = getattr(backend, "n_ctx", None)
+    trained = getattr(backend, "trained_context", None)
+    if not isinstance(n_ctx, int) or not isinstance(trained, int) or n_ctx >= trained:
+        return None, None
+    return (
+        f"its context is {n_ctx} tokens, below the {trained} it was trained for, so longer "
+        "prompts get 400 context_length_exceeded (agent clients such as Codex CLI send about "
+        "6,200 tokens)",
+        f"set models[].context_length (or options.n_ctx) to {trained}, if memory allows "
+        "(the KV cache grows with it; see the README)",
     )
 
 

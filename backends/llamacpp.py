@@ -311,6 +311,8 @@ class LlamaCppBackend:
             raise ConfigError(f"backend: {self.path} is not a readable GGUF file: {exc}") from exc
         self.n_ctx = self.options.n_ctx or spec.model.context_length or info.context_length or 2048
         """Context of each slot: the option, else the model's window, else the GGUF's."""
+        self.trained_context: int | None = info.context_length or None
+        """The context the model was trained for (its GGUF header says), for `clawbot check`."""
         window = min(self.n_ctx, EMBED_WINDOW)
         # Every slot's context, plus the embedding context made on first use.
         self.footprint = (

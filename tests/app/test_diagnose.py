@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from app.cli import main
+from app.diagnose import Check
 from tests.fake_upstream import Upstream, free_port
 
 MODELS = b'{"object": "list", "data": [{"id": "served", "object": "model", "owned_by": "x"}]}'
@@ -439,6 +440,30 @@ def test_in_process_model_is_loaded(tmp_path: Path) -> None:
     loaded = checks["smol/default"]
     assert (loaded["ok"], loaded["message"]) == (True, "loaded")
     assert loaded["latency_ms"] > 0
+    # 512 tokens is below SmolLM2's 8192: a warning that names the fix, not a failure.
+    assert "below the 8192 it was trained for" in loaded["warning"]
+    assert "context_length" in loaded["fix"]
+    line = Check(**{k: v for k, v in loaded.items()}).line()
+    assert line.startswith("WARN smol/default [llamacpp:embedded]: loaded; its context is 512")
+
+
+@pytest.mark.slow
+def test_full_context_has_no_warning(tmp_path: Path) -> None:
+    config = {
+        "models": [
+            {
+                "id": "smol",
+                "backend": "llamacpp:embedded",
+                "context_length": 8192,
+                "options": {"slots": 1},
+            }
+        ]
+    }
+    code, report = run_check(config, tmp_path)
+    assert code == 0
+    loaded = report["checks"][-1]
+    assert loaded["ok"] is True
+    assert loaded["warning"] is None
 
 
 def test_no_build_check_without_in_process_models(tmp_path: Path) -> None:
