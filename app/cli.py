@@ -16,6 +16,8 @@ import argparse
 import asyncio
 import errno
 import logging
+import os
+import shlex
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -88,24 +90,34 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def banner(config: Config, host: str, port: int) -> str:
-    """What a new user needs to call the gateway."""
+def banner(config: Config, host: str, port: int, config_path: str = "clawbot.json") -> str:
+    """What a new user needs to call the gateway: examples that work when pasted into a shell.
+
+    The key is never printed: the examples read `$CLAWBOT_API_KEY` (the Python one through
+    `os.environ`, as a single-quoted `-c` gets no shell expansion), and a comment says to set it
+    when the key came from the config file. The Python example runs this interpreter, which has
+    the `openai` package.
+    """
     scheme = config.model_server.protocol
     shown = f"[{host}]" if ":" in host else host
     base = f"{scheme}://{shown}:{port}/v1"
-    key = "$CLAWBOT_API_KEY" if config.auth.api_key else "none"
     model = config.models[0].id
     lines = [f"clawbot {__version__} serving on {base}", "models:"]
     for m in config.models:
         aliases = f" (aliases: {', '.join(m.aliases)})" if m.aliases else ""
         backends = ", ".join(deployment_label(d.backend) for d in model_deployments(m))
         lines.append(f"  {m.id}{aliases}  [{backends}]")
-    auth_header = ' -H "Authorization: Bearer $CLAWBOT_API_KEY"' if config.auth.api_key else ""
+    lines.append("try it:")
+    keyed = bool(config.auth.api_key)
+    if keyed and os.environ.get("CLAWBOT_API_KEY") != config.auth.api_key:
+        lines.append(f"  # first: export CLAWBOT_API_KEY=<auth.api_key of {config_path}>")
+    auth_header = ' -H "Authorization: Bearer $CLAWBOT_API_KEY"' if keyed else ""
+    api_key = 'os.environ["CLAWBOT_API_KEY"]' if keyed else '"none"'
     lines += [
-        "try it:",
         f"  curl {base}/chat/completions{auth_header} -H 'content-type: application/json' \\",
         f'    -d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}\'',
-        f'  python -c \'from openai import OpenAI; c = OpenAI(base_url="{base}", api_key="{key}"); '
+        f"  {shlex.quote(sys.executable)} -c 'import os; from openai import OpenAI; "
+        f'c = OpenAI(base_url="{base}", api_key={api_key}); '
         f'print(c.chat.completions.create(model="{model}", '
         'messages=[{"role": "user", "content": "Hello!"}]).choices[0].message.content)\'',
     ]
@@ -131,7 +143,7 @@ def serve(args: argparse.Namespace) -> int:
     bound_port = sock.getsockname()[1]
 
     def announce() -> None:
-        print(banner(config, host, bound_port), flush=True)
+        print(banner(config, host, bound_port, str(args.config)), flush=True)
 
     if workers == 1:
         return run_server(config, gateway, sock, announce, config_path=args.config)

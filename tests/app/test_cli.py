@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 
 from app.cli import banner, bind_socket, main
 from app.config import ConfigError, parse_config
+from tests.serving import serve
 
 
 def write_config(tmp_path: Path, **server: object) -> Path:
@@ -75,6 +77,37 @@ def test_banner_tells_how_to_call() -> None:
     assert "Authorization: Bearer $CLAWBOT_API_KEY" in text
     assert 'OpenAI(base_url="http://127.0.0.1:9000/v1"' in text
     assert "sk-secret-123" not in text
+    assert "# first: export CLAWBOT_API_KEY=<auth.api_key of clawbot.json>" in text
+
+
+def pasted(banner_text: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The banner's examples run as a user pasting them into bash would."""
+    lines = banner_text.splitlines()
+    start = lines.index("try it:") + 1
+    end = next(i for i, line in enumerate(lines) if " -c 'import os; from openai" in line)
+    script = "\n".join(lines[start : end + 1])
+    return subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, timeout=60, env=env
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", ["sk-pasted-key-1", None])
+def test_banner_examples_work_when_pasted(tmp_path: Path, key: str | None) -> None:
+    """With a master key (from the environment) and without one: the curl and the Python
+    line both get the model's answer."""
+    config: dict[str, object] = {
+        "models": [{"id": "m", "backend": "mock:", "options": {"reply": "pasted-ok"}}]
+    }
+    env = {k: v for k, v in os.environ.items() if k != "CLAWBOT_API_KEY"}
+    if key is not None:
+        env["CLAWBOT_API_KEY"] = key
+    with serve(config, tmp_path, env=env) as running:
+        text = running.log()
+        out = pasted(text[text.index("clawbot ") :], env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("pasted-ok") == 2, out.stdout  # curl's JSON, then the SDK's text
+    assert (key or "sk-") not in text
 
 
 def test_python_m_app_runs() -> None:
