@@ -1,4 +1,5 @@
-"""The real PostgreSQL and Redis on this machine: skip without them, but fail under CI."""
+"""The real PostgreSQL and Redis on this machine (and other things tests need from outside the
+project): skip without them, but fail under CI."""
 
 from __future__ import annotations
 
@@ -21,14 +22,18 @@ def _reachable(host: str, port: int) -> bool:
         return False
 
 
-def require(service: str, host: str, port: int) -> None:
-    """Skip the test when the service is down on a user's machine; fail in CI, where it must run."""
-    if _reachable(host, port):
-        return
-    reason = f"{service} is not reachable on {host}:{port}"
+def unavailable(reason: str) -> None:
+    """Skip the test on a user's machine that lacks what it needs; fail in CI, where it must
+    run."""
     if os.environ.get("CI") == "true":
         pytest.fail(f"{reason}, and CI=true requires it")
     pytest.skip(reason)
+
+
+def require(service: str, host: str, port: int) -> None:
+    """Skip the test when the service is down on a user's machine; fail in CI, where it must run."""
+    if not _reachable(host, port):
+        unavailable(f"{service} is not reachable on {host}:{port}")
 
 
 def require_postgres() -> None:

@@ -90,9 +90,13 @@ def test_called_tools_and_instructions() -> None:
     assert called_tools([WEATHER, ADD], named) == [ADD]
     assert called_tools([WEATHER, ADD], "required") == [WEATHER, ADD]
     text = tool_instructions([WEATHER], required=False)
-    assert '"name": "get_weather"' in text
+    assert '{"name":"get_weather","description":' in text  # compact: every token counts
     assert "plain text" in text
     assert "plain text" not in tool_instructions([WEATHER], required=True)
+    chinese = Tool(
+        type="function", function=FunctionDefinition(name="cha_tianqi", description="查询城市天气")
+    )
+    assert '"description":"查询城市天气"' in tool_instructions([chinese], required=False)
     assert json.loads(call_text("add", '{"a": 1}')) == {"name": "add", "arguments": {"a": 1}}
     assert json.loads(call_text("add", "")) == {"name": "add", "arguments": {}}
 
