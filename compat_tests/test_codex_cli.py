@@ -127,7 +127,10 @@ def codex_exec(
         stdin=subprocess.DEVNULL,
     )
     events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert done.returncode == 0, (done.stdout, done.stderr[-2000:])
+    failures = [e for e in events if e["type"] in ("error", "turn.failed")]
+    assert done.returncode == 0, (
+        f"codex exec: rc {done.returncode}, {failures}, {done.stderr[-1500:]}"
+    )
     assert events[-1]["type"] == "turn.completed", events
     return events
 

@@ -265,7 +265,8 @@ def test_unknown_model_is_not_found(client: OpenAI) -> None:
     ("kwargs", "param"),
     [
         ({"previous_response_id": "resp_123"}, "previous_response_id"),
-        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ({"tools": [{"type": "web_search"}], "tool_choice": "required"}, "tool_choice"),
+        ({"tool_choice": {"type": "web_search_preview"}}, "tool_choice"),
     ],
 )
 def test_unsupported_is_a_bad_request(client: OpenAI, kwargs: dict[str, Any], param: str) -> None:
@@ -274,6 +275,22 @@ def test_unsupported_is_a_bad_request(client: OpenAI, kwargs: dict[str, Any], pa
     error = error_body(caught.value, 400)
     assert error["param"] == param
     assert error["code"] == "unsupported_parameter"
+
+
+def test_built_in_tools_are_left_out_with_a_warning(tools_client: OpenAI) -> None:
+    """A web search offered beside a function: answered, the function called, the search left
+    out and named in the warning header."""
+    search = {"type": "web_search", "external_web_access": False}
+    raw = tools_client.responses.with_raw_response.create(
+        model=TOOLS_MODEL, input="weather?", tools=[search, WEATHER_TOOL]
+    )
+    assert raw.headers["x-clawbot-warning"].startswith("tools[0] (web_search) left out")
+    body = json_body(raw)
+    validate("Response", body)
+    assert body["tools"] == [WEATHER_TOOL]
+    [call] = raw.parse().output
+    assert call.type == "function_call"
+    assert call.name == "get_weather"
 
 
 @pytest.mark.parametrize("stream", [False, True])

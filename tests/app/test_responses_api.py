@@ -62,13 +62,18 @@ EVENT_SCHEMAS = {
     "error": "ResponseErrorEvent",
 }
 
-WEATHER_TOOL: dict[str, Any] = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "Weather of a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-    "strict": False,
-}
+def function_tool(name: str, description: str, argument: str) -> dict[str, Any]:
+    """A Responses function tool taking one string argument."""
+    return {
+        "type": "function",
+        "name": name,
+        "description": description,
+        "parameters": {"type": "object", "properties": {argument: {"type": "string"}}},
+        "strict": False,
+    }
+
+
+WEATHER_TOOL = function_tool("get_weather", "Weather of a city", "city")
 
 
 def request(**fields: Any) -> CreateResponse:
@@ -327,13 +332,7 @@ def test_unsupported_tool_type_is_named() -> None:
 
 # What Codex CLI 0.171 offers by default: function tools, a namespace of sub-agent tools and a
 # web search that may not reach the web.
-SPAWN_TOOL: dict[str, Any] = {
-    "type": "function",
-    "name": "spawn_agent",
-    "description": "Start a sub-agent",
-    "parameters": {"type": "object", "properties": {"task": {"type": "string"}}},
-    "strict": False,
-}
+SPAWN_TOOL = function_tool("spawn_agent", "Start a sub-agent", "task")
 AGENTS_NAMESPACE: dict[str, Any] = {
     "type": "namespace",
     "name": "multi_agent_v1",
