@@ -110,7 +110,7 @@ def codex_home(path: Path, server: Server) -> Path:
 def codex_exec(
     codex: Path, home: Path, workdir: Path, prompt: str, *flags: str
 ) -> list[dict[str, Any]]:
-    """`codex exec --json`: its events, after checking it succeeded."""
+    """`codex exec --json`: its events (check them with `succeeded`)."""
     workdir.mkdir(exist_ok=True)
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CODEX_"))},
@@ -127,12 +127,21 @@ def codex_exec(
         stdin=subprocess.DEVNULL,
     )
     events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    failures = [e for e in events if e["type"] in ("error", "turn.failed")]
-    assert done.returncode == 0, (
-        f"codex exec: rc {done.returncode}, {failures}, {done.stderr[-1500:]}"
-    )
-    assert events[-1]["type"] == "turn.completed", events
+    assert events, f"codex exec printed no events: rc {done.returncode}, {done.stderr[-1500:]}"
     return events
+
+
+def failures(events: list[dict[str, Any]]) -> list[str]:
+    """The messages of Codex's error events."""
+    return [
+        e.get("message") or e.get("error", {}).get("message", "")
+        for e in events
+        if e["type"] in ("error", "turn.failed")
+    ]
+
+
+def succeeded(events: list[dict[str, Any]]) -> None:
+    assert events[-1]["type"] == "turn.completed", failures(events)
 
 
 def completed(events: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -164,6 +173,7 @@ def test_codex_exec_runs_a_tool_call_and_gets_the_answer(
 ) -> None:
     home = codex_home(tmp_path / "codex-home", scripted)
     events = codex_exec(codex, home, tmp_path / "work", "Run the check command")
+    succeeded(events)
     [command] = completed(events, "command_execution")
     assert MARKER in command["command"]
     assert command["exit_code"] == 0
@@ -178,11 +188,25 @@ def test_codex_exec_runs_a_tool_call_and_gets_the_answer(
 
 @pytest.mark.slow
 def test_codex_prompt_fits_the_embedded_default(codex: Path, tmp_path: Path) -> None:
-    """The shipped config unchanged: the embedded model answers Codex's own prompt (without
-    the sub-agent tools, which alone add 2,600 tokens: see the README)."""
+    """The shipped config unchanged: the embedded model reads Codex's own prompt (without the
+    sub-agent tools, which alone add 2,600 tokens: see the README) and answers it. SmolLM2 at
+    temperature 0.7 sometimes rambles past the config's `max_tokens` (512); Codex then fails
+    the turn as incomplete, which is the model's answer cut short, not a refusal."""
     with serve(repo_config(), tmp_path / "server") as running:
         home = codex_home(tmp_path / "codex-home", running)
         events = codex_exec(codex, home, tmp_path / "work", "Say hello", "--disable", "multi_agent")
+        log = running.log()
+    [answered] = [
+        json.loads(line)
+        for line in log.splitlines()
+        if '"logger":"clawbot.access"' in line and '"/v1/responses"' in line
+    ]
+    assert answered["status"] == 200, log[-3000:]
+    assert answered["prompt_tokens"] > 6000
+    assert answered["completion_tokens"] > 0
+    if events[-1]["type"] != "turn.completed":
+        assert failures(events) == ["Incomplete response returned, reason: max_output_tokens"] * 2
+        assert answered["completion_tokens"] == repo_config()["models"][0]["params"]["max_tokens"]
+        return
     [answer] = completed(events, "agent_message")
     assert answer["text"].strip()
-    assert events[-1]["usage"]["input_tokens"] > 6000
