@@ -228,7 +228,7 @@ def model_files(config: Config) -> list[ModelFile]:
 
 
 def _embedded_path() -> Path:
-    from backends.llamacpp import embedded_model_path
+    from backends.llamacpp.backend import embedded_model_path
 
     return embedded_model_path()
 

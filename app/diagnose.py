@@ -28,7 +28,7 @@ from app.pools import deployment_options
 from app.routing import Deployment
 from app.storage.database import Database, head_revision
 from backends.base import backend_scheme
-from backends.openai_http import HTTPOptions
+from backends.openai_http.backend import HTTPOptions
 
 _REMOTE = frozenset({"http", "https"})
 _DEFAULT_CONNECT_S = 5.0

@@ -34,12 +34,12 @@ from backends.base import (
     BackendFactory,
     BackendSpec,
     Capabilities,
-    backend_factories,
     backend_scheme,
     common_capabilities,
 )
-from backends.llamacpp import LlamaCppBackend
-from backends.memory import MemoryBudget
+from backends.llamacpp.backend import LlamaCppBackend
+from backends.llamacpp.memory import MemoryBudget
+from backends.registry import backend_factories
 from policies.api_key import ApiKeyPolicy
 from policies.base import Policy
 from policies.budget import BudgetPolicy

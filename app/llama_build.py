@@ -1,6 +1,6 @@
 """`clawbot check` on the llama.cpp build: the CPU's instruction sets against the build's.
 
-The build is read in a child process (`python -m backends.llama_runtime`): a library compiled
+The build is read in a child process (`python -m backends.llamacpp.runtime`): a library compiled
 for instructions this CPU lacks dies of SIGILL there, and the check reports it instead of
 dying with it.
 """
@@ -14,7 +14,7 @@ import signal
 import sys
 
 from app.diagnose import Check
-from backends.llama_runtime import AMX, CPU_FLAGS, cpu_features
+from backends.llamacpp.runtime import AMX, CPU_FLAGS, cpu_features
 
 REBUILD = (
     "rebuild llama-cpp-python portably: `make llama` (or `python deploy/llama_wheel.py "
@@ -44,7 +44,7 @@ async def check_llama_build(cpu: frozenset[str] | None = None) -> list[Check]:
     child = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "backends.llama_runtime",
+        "backends.llamacpp.runtime",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

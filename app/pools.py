@@ -17,7 +17,8 @@ from app.routing import (
     Strategy,
     WeightedRoundRobin,
 )
-from backends.base import BackendFactory, backend_scheme, build_backend
+from backends.base import BackendFactory, backend_scheme
+from backends.registry import build_backend
 
 _REMOTE = frozenset({"http", "https"})
 

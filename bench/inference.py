@@ -62,7 +62,7 @@ import httpx
 from gateway_overhead import STOP_GRACE_S, Service, _terminate, machine_busy_s, machine_info
 from prometheus_client.parser import text_string_to_metric_families
 
-from backends.llamacpp import LlamaOptions, embedded_model_path
+from backends.llamacpp.backend import LlamaOptions, embedded_model_path
 
 MODEL = "smollm2"
 ENGINE_COUNTERS = ("decode_steps", "batch_tokens", "decode_seconds", "busy_seconds")
@@ -369,7 +369,7 @@ def baseline(n_threads: int, n_batch: int, logdir: Path) -> ContextManager[Runni
     port = free_port()
     # The portable build's CPU backend is loaded by clawbot; llama_cpp.server needs it done too.
     launch = (
-        "import runpy; from backends.llama_runtime import load_cpu_backend; load_cpu_backend(); "
+        "import runpy; from backends.llamacpp.runtime import load_cpu_backend; load_cpu_backend(); "
         "runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)"
     )
     argv = [
@@ -428,7 +428,7 @@ def decode_costs(n_threads: int, n_batch: int) -> list[tuple[str, int, float]]:
     import llama_cpp
     from llama_cpp import _internals
 
-    from backends.llama_runtime import load_cpu_backend
+    from backends.llamacpp.runtime import load_cpu_backend
 
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
     load_cpu_backend()

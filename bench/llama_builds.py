@@ -46,7 +46,7 @@ DEFAULT_BUILDS = "native,native-no-amx,explicit-avx512,portable,portable@haswell
 _CHILD = """
 import json, sys
 sys.path.insert(0, {root!r})
-from backends.llama_runtime import build_features, load_cpu_backend, loaded_variant
+from backends.llamacpp.runtime import build_features, load_cpu_backend, loaded_variant
 load_cpu_backend({variant!r})
 sys.path.insert(0, {bench!r})
 from llama_builds import decode_speeds
@@ -71,7 +71,7 @@ def decode_speeds(threads: int, repeats: int) -> dict[str, float]:
     import llama_cpp
     from llama_cpp import _internals
 
-    from backends.llamacpp import embedded_model_path
+    from backends.llamacpp.backend import embedded_model_path
 
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
     model = _internals.LlamaModel(

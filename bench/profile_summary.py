@@ -40,7 +40,7 @@ KEY_FRAMES: tuple[tuple[str, str], ...] = (
     ("prepare_chat", "app/params.py"),
     ("unless_disconnected", "app/disconnect.py"),
     ("_disconnected", "app/disconnect.py"),
-    ("OpenAIHTTPBackend._post", "backends/openai_http.py"),
+    ("OpenAIHTTPBackend._post", "backends/openai_http/backend.py"),
     ("AsyncClient.send", "httpx/_client.py"),
     ("AsyncConnectionPool._assign_requests_to_connections", "httpcore/"),
     ("json_response", "app/responses.py"),

@@ -5,7 +5,7 @@
 The version and the sdist's hashes come from the lock file. The default build runs on every
 x86-64 CPU: ggml's CPU backend is compiled once per instruction-set level (GGML_BACKEND_DL with
 GGML_CPU_ALL_VARIANTS, as llama.cpp's own releases are) and the best level the CPU has is chosen
-when the library loads (backends/llama_runtime.py). `-march=native` is never used: a wheel must
+when the library loads (backends/llamacpp/runtime.py). `-march=native` is never used: a wheel must
 not depend on the machine that compiled it.
 
 The AMX level (`sapphirerapids`) is left out of the wheel: its kernels segfault in

@@ -21,7 +21,7 @@ from app.cli import main
 from app.config import Config, load_config
 from app.keys import KeyStore
 from app.storage.database import Database
-from backends.llamacpp import embedded_model_path
+from backends.llamacpp.backend import embedded_model_path
 
 MASTER = "sk-backup-master"
 ClientFactory = Any

@@ -17,8 +17,9 @@ from app.errors import ContextLengthExceeded
 from app.gateway import Gateway
 from app.protocol import EmbeddingList, EmbeddingRequest
 from app.server import create_app
-from backends.base import BackendSpec, backend_factories
+from backends.base import BackendSpec
 from backends.mock import MockBackend
+from backends.registry import backend_factories
 from tests.conftest import AUTH, AppClient, make_config
 
 UPSTREAM = "http://upstream.test/v1"

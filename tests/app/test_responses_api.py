@@ -62,6 +62,7 @@ EVENT_SCHEMAS = {
     "error": "ResponseErrorEvent",
 }
 
+
 def function_tool(name: str, description: str, argument: str) -> dict[str, Any]:
     """A Responses function tool taking one string argument."""
     return {

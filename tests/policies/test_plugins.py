@@ -18,7 +18,7 @@ import pytest
 from app.config import ConfigError, parse_config
 from app.gateway import Gateway
 from app.server import create_app
-from backends.base import PluginBackendFactory, backend_factories
+from backends.registry import PluginBackendFactory, backend_factories
 from policies.plugins import available_plugins, load_plugin_policies
 from tests.conftest import AUTH, MASTER_KEY, AppClient
 from tests.serving import serve

@@ -12,7 +12,7 @@ import pytest
 
 from app.errors import InvalidRequest, UnsupportedParameter
 from app.protocol import ChatCompletionChunk, ChatCompletionRequest, CompletionRequest
-from tests.backends.test_llamacpp import make_backend
+from tests.backends.llamacpp.test_llamacpp import make_backend
 
 pytestmark = pytest.mark.slow
 

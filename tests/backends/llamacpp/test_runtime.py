@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from backends.llama_runtime import AMX, CPU_FLAGS, cpu_features
+from backends.llamacpp.runtime import AMX, CPU_FLAGS, cpu_features
 
 XEON_FLAGS = (
     "flags\t\t: fpu sse sse2 pni ssse3 fma sse4_1 sse4_2 avx f16c bmi2 avx2 avx512f avx512dq "
@@ -18,10 +18,10 @@ XEON_FLAGS = (
 # A child process: a build this CPU cannot run must fail the test, not kill the test session.
 ANSWER = """
 import json, logging
-from backends.llama_runtime import load_cpu_backend
+from backends.llamacpp.runtime import load_cpu_backend
 load_cpu_backend()
 import llama_cpp
-from backends.llamacpp import embedded_model_path
+from backends.llamacpp.backend import embedded_model_path
 llm = llama_cpp.Llama(model_path=str(embedded_model_path()), n_ctx=512, verbose=False)
 reply = llm.create_chat_completion(
     [{"role": "user", "content": "Say hello."}], max_tokens=16, temperature=0, seed=1
@@ -58,7 +58,7 @@ def test_cpu_features_by_ggml_names() -> None:
 
 @pytest.mark.slow
 def test_the_installed_build_is_portable_and_never_amx() -> None:
-    child = run_child("import json; from backends.llama_runtime import describe; "
+    child = run_child("import json; from backends.llamacpp.runtime import describe; "
                       "print(json.dumps(describe()))")  # fmt: skip
     assert child.returncode == 0, child.stderr
     build = json.loads(child.stdout.splitlines()[-1])
@@ -85,7 +85,7 @@ def test_a_haswell_level_alone_serves_too() -> None:
     """What an AVX2-only server loads: the same wheel, held to that level."""
     code = ANSWER.replace("load_cpu_backend()", "load_cpu_backend('haswell')").replace(
         "print(json.dumps(",
-        "from backends.llama_runtime import build_features\n"
+        "from backends.llamacpp.runtime import build_features\n"
         "assert 'AVX512' not in build_features(), build_features()\nprint(json.dumps(",
     )
     child = run_child(code)

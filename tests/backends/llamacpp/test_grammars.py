@@ -9,7 +9,7 @@ from llama_cpp.llama_grammar import LlamaGrammar
 
 from app.errors import InvalidRequest
 from app.protocol import FunctionDefinition, NamedFunction, NamedToolChoice, Tool
-from backends.grammars import (
+from backends.llamacpp.grammars import (
     CallText,
     call_text,
     called_tools,

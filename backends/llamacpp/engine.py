@@ -35,7 +35,7 @@ import msgspec
 import numpy as np
 
 from app.errors import ServiceUnavailable, UpstreamError
-from backends.llama_text import StopScanner, TokenLogprob, log_softmax_at
+from backends.llamacpp.text import StopScanner, TokenLogprob, log_softmax_at
 
 log = logging.getLogger("clawbot.llamacpp")
 

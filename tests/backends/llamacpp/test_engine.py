@@ -15,9 +15,9 @@ from app.gateway import Gateway
 from app.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from app.server import create_app
 from backends.base import BackendSpec
-from backends.llama_engine import Engine, ServerBusy, common_prefix
-from backends.llamacpp import LlamaCppBackend
-from backends.memory import MemoryBudget
+from backends.llamacpp.backend import LlamaCppBackend
+from backends.llamacpp.engine import Engine, ServerBusy, common_prefix
+from backends.llamacpp.memory import MemoryBudget
 from tests.conftest import AUTH, AppClient, make_config, until
 
 pytestmark = pytest.mark.slow
@@ -412,7 +412,7 @@ async def test_a_failing_sequence_does_not_stop_the_others(
     backend: LlamaCppBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from app.errors import UpstreamError
-    from backends import llama_engine
+    from backends.llamacpp import engine as llama_engine
 
     def broken(*_: Any) -> Any:
         raise FloatingPointError("no")

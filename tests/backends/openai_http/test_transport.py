@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from backends.http_transport import PooledTransport
+from backends.openai_http.transport import PooledTransport
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from backends.llama_text import StopScanner, TokenLogprob, log_softmax_at
+from backends.llamacpp.text import StopScanner, TokenLogprob, log_softmax_at
 
 
 def feed_all(scanner: StopScanner, pieces: list[bytes]) -> tuple[str, bool]:

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from backends.gguf import (
+from backends.llamacpp.backend import embedded_model_path
+from backends.llamacpp.gguf import (
     COMPUTE_OVERHEAD_BYTES,
     GgufInfo,
     compute_buffer_bytes,
@@ -18,8 +19,7 @@ from backends.gguf import (
     kv_cache_bytes,
     read_metadata,
 )
-from backends.llama_runtime import load_cpu_backend
-from backends.llamacpp import embedded_model_path
+from backends.llamacpp.runtime import load_cpu_backend
 
 UINT8, INT8, UINT16, INT16, UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY = range(10)
 UINT64, INT64, FLOAT64 = 10, 11, 12

@@ -24,7 +24,7 @@ from app.protocol import (
     ToolCallDelta,
 )
 from backends.common import new_id
-from backends.grammars import (
+from backends.llamacpp.grammars import (
     CallText,
     call_text,
     called_tools,

@@ -31,9 +31,10 @@ from app.protocol import (
     EmbeddingRequest,
     StreamItem,
 )
-from backends.base import BackendSpec, build_backend
-from backends.http_transport import PooledTransport
-from backends.openai_http import OpenAIHTTPBackend
+from backends.base import BackendSpec
+from backends.openai_http.backend import OpenAIHTTPBackend
+from backends.openai_http.transport import PooledTransport
+from backends.registry import build_backend
 from tests.serving import serve
 
 BASE = "http://upstream.test/v1"

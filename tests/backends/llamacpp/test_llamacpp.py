@@ -24,7 +24,7 @@ from app.protocol import (
     StreamOptions,
 )
 from backends.base import BackendSpec
-from backends.llamacpp import LlamaCppBackend
+from backends.llamacpp.backend import LlamaCppBackend
 from tests.serving import serve
 
 pytestmark = pytest.mark.slow

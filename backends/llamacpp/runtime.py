@@ -7,7 +7,7 @@ llama-cpp-python never asks ggml to load them, and ggml looks only next to the e
 in the working directory, so `load_cpu_backend` points it at the package's own lib directory.
 A build with its CPU backend linked in (plain `pip install llama-cpp-python`) needs nothing.
 
-`python -m backends.llama_runtime` prints `describe()` as JSON: `clawbot check` reads the build
+`python -m backends.llamacpp.runtime` prints `describe()` as JSON: `clawbot check` reads the build
 that way, in a child process, so a build this CPU cannot run kills the child, not the check.
 """
 

@@ -1,7 +1,7 @@
 """In-process models under a RAM budget: loaded on demand, least recently used unloaded first.
 
 Each in-process model registers here with an estimate of what it needs loaded (weights, KV
-cache, compute buffers: `backends.gguf.estimate_footprint`). Before a request uses a model
+cache, compute buffers: `backends.llamacpp.gguf.estimate_footprint`). Before a request uses a model
 that is not loaded, the budget unloads idle models, least recently used first, until the new
 one fits; a model serving requests is never unloaded. When everything loaded is busy and
 nothing more fits, the request waits for one to become idle, up to its timeout (then 503
@@ -16,7 +16,7 @@ import logging
 import time
 from typing import Protocol
 
-from backends.llama_engine import ServerBusy
+from backends.llamacpp.engine import ServerBusy
 
 log = logging.getLogger("clawbot.memory")
 

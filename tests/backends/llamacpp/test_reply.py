@@ -10,7 +10,7 @@ import pytest
 
 from app.errors import InvalidRequest
 from app.protocol import ChatCompletionRequest, ChunkDelta
-from backends.llama_reply import ReplyShaper, plan_output
+from backends.llamacpp.reply import ReplyShaper, plan_output
 
 TOOL = {
     "type": "function",

@@ -45,7 +45,7 @@ from app.protocol import (
 )
 from backends.base import BackendSpec, Capabilities
 from backends.common import new_id, read_options
-from backends.http_transport import PooledTransport
+from backends.openai_http.transport import PooledTransport
 
 T = TypeVar("T", ChatCompletion, Completion, EmbeddingList, ChatCompletionChunk)
 A = TypeVar("A")

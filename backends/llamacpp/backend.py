@@ -1,10 +1,10 @@
 """GGUF models in-process via llama-cpp-python (`llamacpp:embedded`, `llamacpp:/path.gguf`).
 
-Requests become sequences of the model's continuous-batching engine (`backends.llama_engine`):
+Requests become sequences of the model's continuous-batching engine (`backends.llamacpp.engine`):
 up to `slots` of them decode together, the rest wait in a bounded queue. The prompt is
 rendered with the GGUF's own chat template and tokenized here, on the event loop, so a prompt
 too long for the context is refused before it queues. With a memory budget
-(`backends.memory`), the model loads on its first request and may be unloaded when idle.
+(`backends.llamacpp.memory`), the model loads on its first request and may be unloaded when idle.
 
 Options: `n_ctx` (per sequence), `n_threads`, `n_batch`, `slots`, `kv_unified`,
 `prefix_cache`, `max_queue`, `queue_timeout_s`, `seed`, `chat_template`.
@@ -56,17 +56,26 @@ from backends.common import (
     usage,
     wants_usage,
 )
-from backends.gguf import (
+from backends.llamacpp.engine import (
+    End,
+    Engine,
+    EngineConfig,
+    Event,
+    Piece,
+    Sampling,
+    Sequence,
+    Start,
+)
+from backends.llamacpp.gguf import (
     compute_buffer_bytes,
     estimate_footprint,
     kv_cache_bytes,
     read_metadata,
 )
-from backends.llama_engine import End, Engine, EngineConfig, Event, Piece, Sampling, Sequence, Start
-from backends.llama_reply import OutputPlan, ReplyShaper, plan_output
-from backends.llama_runtime import AMX, build_features, load_cpu_backend, loaded_variant
-from backends.llama_text import TokenLogprob
-from backends.memory import MemoryBudget
+from backends.llamacpp.memory import MemoryBudget
+from backends.llamacpp.reply import OutputPlan, ReplyShaper, plan_output
+from backends.llamacpp.runtime import AMX, build_features, load_cpu_backend, loaded_variant
+from backends.llamacpp.text import TokenLogprob
 
 log = logging.getLogger("clawbot.llamacpp")
 
