@@ -19,6 +19,7 @@ from app.context import credential_of
 from app.errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
 from app.gateway import Gateway
 from app.keys import KeyRecord
+from app.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from app.responses import json_response
 
 PositiveInt = Annotated[int, Meta(ge=1)]
@@ -327,3 +328,17 @@ async def issue_token(
             "expires_in": max(0, expires_at - int(now.timestamp())),
         }
     )
+
+
+@get("/metrics", include_in_schema=False)
+async def metrics_endpoint(
+    request: Request[Any, Any, Any], gateway: NamedDependency[Gateway]
+) -> Response[bytes]:
+    """Prometheus text format; 404 when `metrics.enabled` is false; the master key when
+    `metrics.require_key`."""
+    metrics = gateway.metrics
+    if metrics is None:
+        raise NotFound("metrics are off: set metrics.enabled to serve /metrics")
+    if gateway.config.metrics.require_key:
+        require_master(request, gateway)
+    return Response(content=metrics.render(), media_type=METRICS_CONTENT_TYPE)

@@ -34,11 +34,9 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from litestar import Request, Response, get
-from litestar.di import NamedDependency
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -53,13 +51,13 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from app.errors import NotFound
+from app.audit import AuditWriter
+from app.config import ModelConfig
 
 if TYPE_CHECKING:
     from prometheus_client.metrics import MetricWrapperBase
 
     from app.accounting import Exchange
-    from app.gateway import Gateway
 
 log = logging.getLogger("clawbot.metrics")
 
@@ -138,10 +136,50 @@ def _use_multiprocess_values() -> None:
         values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
 
 
+class WatchedDeployment(Protocol):
+    """A deployment, as a scrape reads it."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def backend(self) -> object: ...
+
+
+class WatchedPool(Protocol):
+    """A model's pool, as a scrape reads it."""
+
+    @property
+    def deployments(self) -> Sequence[WatchedDeployment]: ...
+
+    def snapshot(self) -> list[dict[str, Any]]: ...
+
+
+class WatchedModel(Protocol):
+    """A served model, as a scrape reads it."""
+
+    @property
+    def config(self) -> ModelConfig: ...
+
+    @property
+    def pool(self) -> WatchedPool: ...
+
+
+class Watched(Protocol):
+    """What a scrape reads of the gateway (the core's `Gateway` is one): its models' pools and
+    its audit writer. A protocol, so that bookkeeping does not depend on the request path."""
+
+    @property
+    def models(self) -> Sequence[WatchedModel]: ...
+
+    @property
+    def audit(self) -> AuditWriter | None: ...
+
+
 class GatewayCollector(Collector):
     """Reads the gateway's state when scraped: pools, audit writer, requests in flight."""
 
-    def __init__(self, gateway: Gateway, in_flight: Callable[[], int]) -> None:
+    def __init__(self, gateway: Watched, in_flight: Callable[[], int]) -> None:
         self.gateway = gateway
         self.in_flight = in_flight
         self.scrapes = 0
@@ -379,7 +417,7 @@ class _Row:
 class Metrics:
     """One gateway's metrics: a registry of its own, recorders, and the scrape."""
 
-    def __init__(self, gateway: Gateway, in_flight: Callable[[], int] = lambda: 0) -> None:
+    def __init__(self, gateway: Watched, in_flight: Callable[[], int] = lambda: 0) -> None:
         self.gateway = gateway
         self.multiprocess = multiprocess_dir() is not None
         if self.multiprocess:
@@ -454,7 +492,7 @@ class Metrics:
         self._models = frozenset(served.config.id for served in gateway.models)
         self._rows: dict[tuple[str, str], _Row] = {}
 
-    def bind(self, gateway: Gateway) -> None:
+    def bind(self, gateway: Watched) -> None:
         """Read pools and the audit writer from `gateway` from now on (a reloaded config's):
         the counters go on, the scrape-time families follow the new models."""
         self.gateway = self.collector.gateway = gateway
@@ -527,21 +565,3 @@ class Metrics:
             except Exception:
                 log.exception("publishing metrics failed")
             await asyncio.sleep(PUBLISH_INTERVAL_S)
-
-
-@get("/metrics", include_in_schema=False)
-async def metrics_endpoint(
-    request: Request[Any, Any, Any], gateway: NamedDependency[Any]
-) -> Response[bytes]:
-    """Prometheus text format; 404 when `metrics.enabled` is false; the master key when
-    `metrics.require_key`."""
-    # app.gateway imports this module (hence `Any` above), and app.admin imports app.gateway.
-    from app.admin import require_master
-
-    current: Gateway = gateway
-    metrics = current.metrics
-    if metrics is None:
-        raise NotFound("metrics are off: set metrics.enabled to serve /metrics")
-    if current.config.metrics.require_key:
-        require_master(request, current)
-    return Response(content=metrics.render(), media_type=CONTENT_TYPE)

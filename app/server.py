@@ -80,7 +80,7 @@ def build_litestar(
             models.retrieve_model,
             health.health,
             health.ready,
-            metrics.metrics_endpoint,
+            admin.metrics_endpoint,
             admin.create_key,
             admin.list_keys,
             admin.get_key,
