@@ -10,7 +10,6 @@ from litestar import Request, Response, post
 from litestar.di import NamedDependency
 from litestar.response import Stream
 
-from app.accounting import exchange_for
 from app.bodies import convert, decode_body
 from app.errors import InvalidRequest
 from app.gateway import Gateway
@@ -18,6 +17,7 @@ from app.generation import generate
 from app.hosted_tools import OPENAI_BUILT_IN_TOOLS, LeftOut, note_left_out, refuse_required
 from app.params import prepare_chat
 from app.protocol import ChatCompletionRequest, Tool
+from app.scope import exchange_for
 from app.tokens import estimate_chat
 
 

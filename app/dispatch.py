@@ -13,10 +13,10 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Generic, TypeVar
 
-from app.accounting import Exchange
 from app.context import RequestContext
 from app.errors import GatewayError, ServiceUnavailable, UpstreamStatusError, UpstreamTimeout
 from app.gateway import Gateway, ServedModel
+from app.ledger.exchange import Exchange
 from app.routing import Deployment, is_retryable
 
 T = TypeVar("T")

@@ -12,6 +12,8 @@ from typing import Any
 import msgspec
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from app import scope as scope_keys
+from app.wire_errors import translate
 from policies.ip_allowlist import AddressSet, IpAllowlistPolicy
 
 log = logging.getLogger("clawbot.edge")
@@ -45,15 +47,6 @@ def normalize_path(path: str) -> str:
 def is_admin_path(path: str) -> bool:
     """Whether `path` (normalized) is guarded by the admin allowlist: /admin/… and /metrics."""
     return path.startswith("/admin/") or path.rstrip("/") in ("/admin", "/metrics")
-
-
-def request_id_of(scope: Scope) -> str:
-    """The id `Edge` gave this request (a fresh one for scopes that never passed it)."""
-    state: dict[str, Any] = scope.setdefault("state", {})
-    rid = state.get("request_id")
-    if rid is None:
-        rid = state["request_id"] = f"req_{secrets.token_hex(12)}"
-    return str(rid)
 
 
 def _hop(entry: str) -> str:
@@ -123,7 +116,7 @@ class Edge:
         )
         state: dict[str, Any] = scope.setdefault("state", {})
         rid = client_id.decode() if client_id else f"req_{secrets.token_hex(12)}"
-        state["request_id"] = rid
+        state[scope_keys.REQUEST_ID] = rid
         header = (REQUEST_ID_HEADER, rid.encode())
 
         async def send_with_id(message: Message) -> None:
@@ -141,7 +134,7 @@ class Edge:
                 refusal = self._admin.refusal(host)
                 if getattr(self.app, "answers_refusals", False):
                     # `Accounting` answers it, so it gets its audit row and access line.
-                    state["refusal"] = refusal
+                    state[scope_keys.REFUSAL] = refusal
                 else:
                     log.info(
                         "refused %s from %s: not in policies.ip_allowlist.admin",
@@ -169,8 +162,6 @@ class Edge:
 async def refuse(exc: Exception, send: Send) -> str:
     """Answer before routing, with the JSON the exception handler would have sent; returns
     the error's code (what the audit log calls it)."""
-    from app.wire_errors import translate  # wire_errors imports this module
-
     wire = translate(exc)
     body = msgspec.json.encode(wire.body)
     headers = [

@@ -8,13 +8,13 @@ from typing import Any
 from litestar import Request, Response, post
 from litestar.di import NamedDependency
 
-from app.accounting import exchange_for
 from app.bodies import decode_body
 from app.dispatch import Dispatcher, PerModel
 from app.gateway import Gateway
 from app.params import prepare_embedding
 from app.protocol import EmbeddingRequest
 from app.responses import json_response
+from app.scope import exchange_for
 from app.tokens import estimate_embedding
 
 

@@ -19,7 +19,6 @@ from litestar.di import NamedDependency
 from litestar.response import Stream
 from msgspec import Raw
 
-from app.accounting import exchange_for
 from app.bodies import decode_body
 from app.errors import UpstreamError
 from app.gateway import Gateway, ServedModel
@@ -41,6 +40,7 @@ from app.protocol import (
     Usage,
 )
 from app.responses import json_response, observed, sse_response
+from app.scope import exchange_for
 from app.tokens import estimate_completion
 
 _decode_completion = msgspec.json.Decoder(Completion).decode

@@ -14,13 +14,12 @@ from typing import Any
 from limits.errors import ConfigurationError
 from litestar import Request
 
-from app.accounting import Exchange, exchange_of
 from app.audit import AuditEntry, AuditWriter
 from app.config import Config, ConfigError, ModelConfig, model_deployments
 from app.context import RequestContext, credential_of
-from app.edge import request_id_of
 from app.errors import ModelNotFound
 from app.keys import KeyCache, KeyStore, TokenSigner, token_secret
+from app.ledger.exchange import Exchange
 from app.logs import log_access
 from app.metrics import Metrics
 from app.monitor import HealthMonitor
@@ -28,6 +27,7 @@ from app.pools import build_pool
 from app.ratelimit import Admission, Limits, RateLimiter
 from app.router_state import RouterState
 from app.routing import Pool
+from app.scope import exchange_of, request_id_of
 from app.storage.database import Database
 from backends.base import (
     Backend,

@@ -14,7 +14,6 @@ import msgspec
 from litestar import Request, Response
 from litestar.response import Stream
 
-from app.accounting import exchange_for
 from app.context import RequestContext
 from app.disconnect import unless_disconnected
 from app.dispatch import Dispatcher, PerModel
@@ -31,6 +30,7 @@ from app.protocol import (
 )
 from app.reasoning import split_answer, split_stream
 from app.responses import json_response, observed, sse_response
+from app.scope import exchange_for
 from backends.base import Backend
 
 R = TypeVar("R", ChatCompletionRequest, CompletionRequest)

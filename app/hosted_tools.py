@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from app.errors import UnsupportedParameter
 
 if TYPE_CHECKING:
-    from app.accounting import Exchange
+    from app.ledger.exchange import Exchange
 
 log = logging.getLogger("clawbot.gateway")
 

@@ -31,7 +31,7 @@ import msgspec
 from app.config import Config, ConfigError, model_deployments
 
 if TYPE_CHECKING:
-    from app.accounting import Exchange
+    from app.ledger.exchange import Exchange
 
 ACCESS_LOGGER = "clawbot.access"
 REDACTED = "[redacted]"

@@ -16,15 +16,11 @@ from litestar.di import NamedDependency
 from litestar.response import Stream
 from litestar.types import ExceptionHandlersMap
 
-from app.accounting import exchange_for
 from app.bodies import decode_body
 from app.gateway import Gateway
 from app.generation import chat_answer, chat_chunks
 from app.hosted_tools import note_left_out
 from app.messages_bridge import (
-    CountTokensRequest,
-    CountTokensResponse,
-    MessagesRequest,
     estimate_input_tokens,
     message_events,
     server_tools,
@@ -33,7 +29,9 @@ from app.messages_bridge import (
     to_chat_tools,
     to_message,
 )
+from app.messages_protocol import CountTokensRequest, CountTokensResponse, MessagesRequest
 from app.responses import json_response, named_sse_response
+from app.scope import exchange_for
 from app.wire_errors import anthropic_error_event, anthropic_error_response
 
 # Everything raised on these routes (policies, body decoding, backends) is answered in

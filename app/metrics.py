@@ -57,7 +57,7 @@ from app.config import ModelConfig
 if TYPE_CHECKING:
     from prometheus_client.metrics import MetricWrapperBase
 
-    from app.accounting import Exchange
+    from app.ledger.exchange import Exchange
 
 log = logging.getLogger("clawbot.metrics")
 

@@ -25,11 +25,11 @@ from litestar.di import NamedDependency
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from app import logs
-from app.accounting import Exchange
 from app.admin import require_master
 from app.config import Config, ConfigError, load_config
 from app.errors import InvalidRequest
 from app.gateway import Gateway
+from app.ledger.exchange import Exchange
 from app.responses import json_response
 from backends.base import Backend, BackendFactory
 from policies.base import Policy

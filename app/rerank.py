@@ -19,7 +19,6 @@ import numpy as np
 from litestar import Request, Response, post
 from litestar.di import NamedDependency
 
-from app.accounting import exchange_for
 from app.bodies import decode_body
 from app.disconnect import unless_disconnected
 from app.dispatch import Dispatcher, PerModel
@@ -35,6 +34,7 @@ from app.protocol import (
     RerankUsage,
 )
 from app.responses import json_response
+from app.scope import exchange_for
 from app.tokens import count_tokens
 from backends.base import Backend, Reranker
 

@@ -12,7 +12,7 @@ from litestar import Response
 from litestar.response import Stream
 from msgspec import Raw
 
-from app.accounting import Exchange
+from app.ledger.exchange import Exchange
 from app.protocol import UNSET, Usage
 from app.sse import DONE, NamedEvent, encode_named_stream, encode_stream
 from app.wire_errors import error_code

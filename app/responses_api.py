@@ -10,7 +10,6 @@ from litestar import Request, Response, post
 from litestar.di import NamedDependency
 from litestar.response import Stream
 
-from app.accounting import exchange_for
 from app.bodies import decode_body
 from app.gateway import Gateway
 from app.generation import chat_answer, chat_chunks
@@ -23,6 +22,7 @@ from app.responses_bridge import (
     response_events,
 )
 from app.responses_protocol import CreateResponse
+from app.scope import exchange_for
 from app.tokens import estimate_chat
 
 

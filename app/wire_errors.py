@@ -16,12 +16,11 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
-from app.accounting import exchange_of
-from app.edge import request_id_of
 from app.errors import GatewayError
-from app.messages_bridge import ErrorDetail as AnthropicErrorDetail
-from app.messages_bridge import ErrorResponse as AnthropicErrorResponse
+from app.messages_protocol import ErrorDetail as AnthropicErrorDetail
+from app.messages_protocol import ErrorResponse as AnthropicErrorResponse
 from app.protocol import ErrorBody, ErrorResponse
+from app.scope import exchange_of, request_id_of
 
 log = logging.getLogger("clawbot.errors")
 

@@ -20,10 +20,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
-from app.accounting import Exchange
 from app.config import Config, ConfigError, parse_config
 from app.context import RequestContext
 from app.gateway import Gateway
+from app.ledger.exchange import Exchange
 from app.logs import (
     ACCESS_LOGGER,
     REDACTED,

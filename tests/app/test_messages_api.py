@@ -25,7 +25,6 @@ from app.errors import (
 )
 from app.hosted_tools import LeftOut
 from app.messages_bridge import (
-    MessagesRequest,
     estimate_input_tokens,
     message_events,
     server_tools,
@@ -35,6 +34,7 @@ from app.messages_bridge import (
     to_message,
     tool_input,
 )
+from app.messages_protocol import MessagesRequest
 from app.protocol import (
     ChatChoice,
     ChatCompletion,

@@ -395,7 +395,7 @@ async def test_the_dashboard_uses_only_exposed_metrics(gateway_client: Any) -> N
 _WORKER = textwrap.dedent(
     """
     import asyncio, os, sys, time
-    from app.accounting import Exchange
+    from app.ledger.exchange import Exchange
     from app.context import RequestContext
     from app.gateway import Gateway
     from app.metrics import Metrics

@@ -11,10 +11,11 @@ import msgspec
 import pytest
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from app.accounting import Accounting, Exchange
+from app.accounting import Accounting
 from app.config import IpAllowlist, PolicySettings
 from app.edge import Edge, forwarded_client
 from app.gateway import Gateway
+from app.ledger.exchange import Exchange
 from app.server import create_app
 from policies.ip_allowlist import AddressSet
 from tests.conftest import AUTH, MASTER_KEY, AppClient, Peer, make_config

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import msgspec
 import pytest
 
-from app.accounting import Exchange
+from app.ledger.exchange import Exchange
 from app.protocol import ChatCompletionChunk, ChunkChoice, ChunkDelta
 from app.responses import observed
 from app.sse import encode_stream

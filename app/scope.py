@@ -1,0 +1,40 @@
+"""What the gateway keeps in an ASGI scope's `state`, one accessor per key.
+
+`request_id` (set by `Edge`), `exchange` (opened by `Accounting`) and `refusal` (an admin
+request `Edge` turned away, answered by `Accounting`). Everything else reads them through here.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+from litestar.types import Scope
+
+from app.ledger.exchange import Exchange
+
+REQUEST_ID = "request_id"
+EXCHANGE = "exchange"
+REFUSAL = "refusal"
+
+
+def request_id_of(scope: Scope) -> str:
+    """The id `Edge` gave this request (a fresh one for scopes that never passed it)."""
+    state: dict[str, Any] = scope.setdefault("state", {})
+    rid = state.get(REQUEST_ID)
+    if rid is None:
+        rid = state[REQUEST_ID] = f"req_{secrets.token_hex(12)}"
+    return str(rid)
+
+
+def exchange_of(scope: Scope | dict[str, Any]) -> Exchange | None:
+    """The exchange `Accounting` opened for this request, if any."""
+    state: dict[str, Any] = scope.get("state") or {}
+    exchange = state.get(EXCHANGE)
+    return exchange if isinstance(exchange, Exchange) else None
+
+
+def exchange_for(scope: Scope | dict[str, Any]) -> Exchange:
+    """The request's exchange; a detached one when the app runs without `Accounting`."""
+    return exchange_of(scope) or Exchange(started=time.perf_counter(), route=str(scope["path"]))
