@@ -13,13 +13,13 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath
 from msgspec import UNSET, Meta, UnsetType
 
-from app.audit import recent_errors, usage_series, usage_summary
 from app.bodies import decode_body
 from app.context import credential_of
 from app.errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
 from app.gateway import Gateway
-from app.keys import KeyRecord
-from app.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from app.ledger.audit import recent_errors, usage_series, usage_summary
+from app.ledger.keys import KeyRecord
+from app.ledger.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from app.responses import json_response
 
 PositiveInt = Annotated[int, Meta(ge=1)]

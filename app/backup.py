@@ -48,7 +48,7 @@ from app.config import (
     model_deployments,
     parse_config,
 )
-from app.storage.database import Database, alembic_config
+from app.ledger.storage.database import Database, alembic_config
 from backends.base import backend_scheme
 
 FORMAT = 1

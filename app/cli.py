@@ -189,7 +189,7 @@ def run_server(
 
 def db_command(args: argparse.Namespace) -> int:
     """`clawbot db upgrade` applies pending migrations; `current` prints the revision."""
-    from app.storage.database import Database, head_revision
+    from app.ledger.storage.database import Database, head_revision
 
     config = load_config(args.config)
     database = Database(config.database.url)

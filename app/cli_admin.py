@@ -22,11 +22,11 @@ import msgspec
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.admin import parse_duration, parse_time
-from app.audit import usage_summary
 from app.config import load_config
 from app.errors import GatewayError, InvalidRequest
-from app.keys import KeyRecord, KeyStore
-from app.storage.database import Database
+from app.ledger.audit import usage_summary
+from app.ledger.keys import KeyRecord, KeyStore
+from app.ledger.storage.database import Database
 
 T = TypeVar("T")
 _LIMIT_FLAGS = (

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from app.keys import KeyRecord
+    from app.ledger.keys import KeyRecord
 
 
 @dataclass(slots=True)

@@ -24,9 +24,9 @@ from sqlalchemy.engine import make_url
 
 from app.config import Config, DeploymentConfig, ModelConfig, model_deployments
 from app.gateway import Gateway
+from app.ledger.storage.database import Database, head_revision
 from app.pools import deployment_options
 from app.routing import Deployment
-from app.storage.database import Database, head_revision
 from backends.base import backend_scheme
 from backends.openai_http.backend import HTTPOptions
 

@@ -14,21 +14,21 @@ from typing import Any
 from limits.errors import ConfigurationError
 from litestar import Request
 
-from app.audit import AuditEntry, AuditWriter
 from app.config import Config, ConfigError, ModelConfig, model_deployments
 from app.context import RequestContext, credential_of
 from app.errors import ModelNotFound
-from app.keys import KeyCache, KeyStore, TokenSigner, token_secret
+from app.ledger.audit import AuditEntry, AuditWriter
 from app.ledger.exchange import Exchange
+from app.ledger.keys import KeyCache, KeyStore, TokenSigner, token_secret
+from app.ledger.metrics import Metrics
+from app.ledger.ratelimit import Admission, Limits, RateLimiter
+from app.ledger.storage.database import Database
 from app.logs import log_access
-from app.metrics import Metrics
 from app.monitor import HealthMonitor
 from app.pools import build_pool
-from app.ratelimit import Admission, Limits, RateLimiter
 from app.router_state import RouterState
 from app.routing import Pool
 from app.scope import exchange_of, request_id_of
-from app.storage.database import Database
 from backends.base import (
     Backend,
     BackendFactory,

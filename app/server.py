@@ -21,7 +21,6 @@ from app import (
     fim,
     health,
     messages_api,
-    metrics,
     models,
     reload,
     rerank,
@@ -30,6 +29,7 @@ from app import (
 from app.accounting import Accounting
 from app.edge import Edge
 from app.gateway import Gateway
+from app.ledger import metrics
 from app.reload import PinGateway, Reloader, gateway_of
 from app.wire_errors import error_response
 

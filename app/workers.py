@@ -79,7 +79,7 @@ def _metrics_dir() -> str | None:
 def _process_dead(pid: int) -> None:
     """Let the metrics of a worker that is gone stop counting as live (gauges)."""
     try:
-        metrics = importlib.import_module("app.metrics")
+        metrics = importlib.import_module("app.ledger.metrics")
     except ImportError:
         return
     mark = getattr(metrics, "mark_process_dead", None)

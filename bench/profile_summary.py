@@ -51,13 +51,13 @@ KEY_FRAMES: tuple[tuple[str, str], ...] = (
     ("BudgetPolicy.check", "policies/budget.py"),
     ("RateLimitPolicy.check", "policies/rate_limit.py"),
     ("estimate_chat", "app/tokens.py"),
-    ("RateLimiter.admit_all", "app/ratelimit.py"),
+    ("RateLimiter.admit_all", "app/ledger/ratelimit.py"),
     ("Gateway.finish", "app/gateway.py"),
     ("release", "app/gateway.py"),
-    ("AuditWriter.submit", "app/audit.py"),
-    ("AuditWriter._run", "app/audit.py"),
-    ("AuditWriter._insert", "app/audit.py"),
-    ("KeyCache._poll", "app/keys.py"),
+    ("AuditWriter.submit", "app/ledger/audit.py"),
+    ("AuditWriter._run", "app/ledger/audit.py"),
+    ("AuditWriter._insert", "app/ledger/audit.py"),
+    ("KeyCache._poll", "app/ledger/keys.py"),
 )
 
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?):(?P<line>\d+)\)$")

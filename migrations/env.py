@@ -1,11 +1,11 @@
-"""Alembic environment: run on a connection handed over by `app.storage.database`."""
+"""Alembic environment: run on a connection handed over by `app.ledger.storage.database`."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from app.storage.schema import Base
+from app.ledger.storage.schema import Base
 
 connection: Connection | None = context.config.attributes.get("connection")
 if connection is None:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from app.context import RequestContext
 from app.errors import AuthenticationFailed
-from app.keys import TOKEN_PREFIX, KeyCache, TokenSigner
+from app.ledger.keys import TOKEN_PREFIX, KeyCache, TokenSigner
 
 
 class ApiKeyPolicy:

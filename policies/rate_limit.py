@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from app.context import RequestContext
-from app.ratelimit import Limits, RateLimiter
+from app.ledger.ratelimit import Limits, RateLimiter
 
 
 class RateLimitPolicy:

@@ -20,8 +20,8 @@ from sqlalchemy.engine import make_url
 
 from app.config import Config, parse_config
 from app.gateway import Gateway
+from app.ledger.storage.database import Database
 from app.server import create_app
-from app.storage.database import Database
 from tests.services import POSTGRES_URL, require_postgres
 
 MASTER_KEY = "sk-test-master"

@@ -13,8 +13,8 @@ import pytest
 from sqlalchemy import select
 
 from app.gateway import Gateway
+from app.ledger.storage.schema import ApiKey, AuditRecord
 from app.server import create_app
-from app.storage.schema import ApiKey, AuditRecord
 from tests.conftest import (
     AUTH,
     MASTER_KEY,

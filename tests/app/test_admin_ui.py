@@ -16,12 +16,12 @@ import pytest
 from sqlalchemy import insert
 
 from app.admin_ui import ASSETS, PAGE
-from app.audit import usage_series
 from app.config import parse_config
 from app.gateway import Gateway
+from app.ledger.audit import usage_series
+from app.ledger.storage.database import Database
+from app.ledger.storage.schema import AuditRecord
 from app.server import create_app
-from app.storage.database import Database
-from app.storage.schema import AuditRecord
 from tests.conftest import AUTH, MASTER_KEY, AppClient
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -24,6 +24,7 @@ from app.config import Config, ConfigError, parse_config
 from app.context import RequestContext
 from app.gateway import Gateway
 from app.ledger.exchange import Exchange
+from app.ledger.storage.schema import AuditRecord
 from app.logs import (
     ACCESS_LOGGER,
     REDACTED,
@@ -33,7 +34,6 @@ from app.logs import (
     setup_logging,
 )
 from app.server import create_app
-from app.storage.schema import AuditRecord
 from tests.conftest import AUTH, MASTER_KEY, AppClient
 from tests.services import REDIS_URL, require_redis
 from tests.serving import serve

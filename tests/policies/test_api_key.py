@@ -8,8 +8,8 @@ import pytest
 
 from app.context import RequestContext, credential_of
 from app.errors import AuthenticationFailed
-from app.keys import KeyCache, KeyStore, TokenSigner
-from app.storage.database import Database
+from app.ledger.keys import KeyCache, KeyStore, TokenSigner
+from app.ledger.storage.database import Database
 from policies.api_key import ApiKeyPolicy
 from tests.conftest import MASTER_KEY, AppClient, make_config
 

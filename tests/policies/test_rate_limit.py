@@ -6,9 +6,9 @@ import pytest
 
 from app.context import RequestContext
 from app.errors import RateLimited
-from app.ratelimit import Admission, Limits
+from app.ledger.ratelimit import Admission, Limits
 from policies.rate_limit import RateLimitPolicy
-from tests.app.test_ratelimit import LimiterFactory, make_limiter
+from tests.app.ledger.test_ratelimit import LimiterFactory, make_limiter
 
 __all__ = ["make_limiter"]  # the parametrized storage fixture, shared with the limiter's suite
 

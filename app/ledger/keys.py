@@ -32,8 +32,8 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import AuthenticationFailed, InvalidRequest, NotFound
-from app.storage.database import Database
-from app.storage.schema import ApiKey
+from app.ledger.storage.database import Database
+from app.ledger.storage.schema import ApiKey
 
 log = logging.getLogger("clawbot.keys")
 

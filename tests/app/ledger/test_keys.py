@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import text, update
 
 from app.errors import AuthenticationFailed, InvalidRequest, NotFound
-from app.keys import (
+from app.ledger.keys import (
     KEY_PREFIX,
     KeyCache,
     KeyRecord,
@@ -25,8 +25,8 @@ from app.keys import (
     hash_key,
     token_secret,
 )
-from app.storage.database import Database
-from app.storage.schema import ApiKey
+from app.ledger.storage.database import Database
+from app.ledger.storage.schema import ApiKey
 
 FAST = 0.05
 

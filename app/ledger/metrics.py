@@ -51,8 +51,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from app.audit import AuditWriter
 from app.config import ModelConfig
+from app.ledger.audit import AuditWriter
 
 if TYPE_CHECKING:
     from prometheus_client.metrics import MetricWrapperBase

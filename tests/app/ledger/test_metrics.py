@@ -20,10 +20,10 @@ import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.audit import AuditEntry
 from app.config import load_config, parse_config
 from app.gateway import Gateway
-from app.metrics import MULTIPROCESS_ENV
+from app.ledger.audit import AuditEntry
+from app.ledger.metrics import MULTIPROCESS_ENV
 from app.server import create_app
 from tests.conftest import (
     AUTH,
@@ -36,7 +36,7 @@ from tests.conftest import (
 from tests.services import REDIS_URL, require_redis
 from tests.serving import serve
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 DASHBOARD = ROOT / "deploy" / "grafana" / "clawbot.json"
 CHAT_ROUTE = "/v1/chat/completions"
 
@@ -398,7 +398,7 @@ _WORKER = textwrap.dedent(
     from app.ledger.exchange import Exchange
     from app.context import RequestContext
     from app.gateway import Gateway
-    from app.metrics import Metrics
+    from app.ledger.metrics import Metrics
     from tests.conftest import make_config
 
     gateway = Gateway.from_config(make_config())
@@ -427,7 +427,7 @@ _SCRAPER = textwrap.dedent(
     """
     import sys
     from app.gateway import Gateway
-    from app.metrics import Metrics
+    from app.ledger.metrics import Metrics
     from tests.conftest import make_config
 
     metrics = Metrics(Gateway.from_config(make_config()))
@@ -477,7 +477,7 @@ def test_workers_metrics_add_up_through_the_multiprocess_directory(
     assert value(samples, "clawbot_backend_healthy", **deployment) == 1
     assert (value(samples, "process_resident_memory_bytes") or 0) > 0
 
-    from app import metrics
+    from app.ledger import metrics
 
     os.environ[MULTIPROCESS_ENV] = multiprocess_dir[MULTIPROCESS_ENV]
     try:
@@ -490,7 +490,7 @@ def test_workers_metrics_add_up_through_the_multiprocess_directory(
 
 
 def test_mark_process_dead_is_a_no_op_with_one_process() -> None:
-    from app import metrics
+    from app.ledger import metrics
 
     assert MULTIPROCESS_ENV not in os.environ
     metrics.mark_process_dead(os.getpid())

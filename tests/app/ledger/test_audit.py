@@ -14,9 +14,9 @@ import pytest
 from sqlalchemy import event, func, insert, select
 from sqlalchemy.exc import OperationalError
 
-from app.audit import AuditEntry, AuditWriter, UsageRow, as_utc, usage_summary
-from app.storage.database import Database
-from app.storage.schema import ApiKey, AuditRecord
+from app.ledger.audit import AuditEntry, AuditWriter, UsageRow, as_utc, usage_summary
+from app.ledger.storage.database import Database
+from app.ledger.storage.schema import ApiKey, AuditRecord
 
 T0 = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
 

@@ -43,8 +43,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from sqlalchemy.sql import ColumnElement
 
-from app.storage.database import Database
-from app.storage.schema import ApiKey, AuditRecord
+from app.ledger.storage.database import Database
+from app.ledger.storage.schema import ApiKey, AuditRecord
 
 log = logging.getLogger("clawbot.audit")
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from app.errors import RateLimited, ServiceUnavailable
-from app.ratelimit import Limits, RateLimiter, _LocalWindows, format_duration
+from app.ledger.ratelimit import Limits, RateLimiter, _LocalWindows, format_duration
 
 REDIS_URI = "redis://127.0.0.1:6379/9"
 STORAGES = ["memory://", REDIS_URI]
@@ -276,7 +276,7 @@ REPLICA = textwrap.dedent(
     """
     import asyncio, sys
     from app.errors import RateLimited
-    from app.ratelimit import Limits, RateLimiter
+    from app.ledger.ratelimit import Limits, RateLimiter
 
     async def main() -> None:
         limiter = RateLimiter(sys.argv[1], key_prefix=sys.argv[2])

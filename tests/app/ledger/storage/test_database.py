@@ -13,8 +13,8 @@ from sqlalchemy import inspect
 from app.cli import main
 from app.config import ConfigError, parse_config
 from app.gateway import Gateway
+from app.ledger.storage.database import Database, head_revision
 from app.server import create_app
-from app.storage.database import Database, head_revision
 from tests.conftest import AppClient
 
 TABLES = {"api_keys", "audit_log"}
