@@ -25,8 +25,8 @@ from sqlalchemy.engine import make_url
 from app.config import Config, DeploymentConfig, ModelConfig, model_deployments
 from app.gateway import Gateway
 from app.ledger.storage.database import Database, head_revision
-from app.pools import deployment_options
-from app.routing import Deployment
+from app.routing.build import deployment_options
+from app.routing.pool import Deployment
 from backends.base import backend_scheme
 from backends.openai_http.backend import HTTPOptions
 

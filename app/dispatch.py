@@ -1,6 +1,6 @@
 """Sends a request to its model's pool, and on to the model's fallbacks when configured.
 
-Within a pool, `app.routing` fails over between deployments. Across models there are two
+Within a pool, `app.routing.pool` fails over between deployments. Across models there are two
 kinds of fallback: `context_window_fallbacks` when the prompt does not fit (estimated before
 sending, or reported by the backend), and `fallbacks` when the whole pool failed or had
 nothing healthy.
@@ -17,7 +17,7 @@ from app.context import RequestContext
 from app.errors import GatewayError, ServiceUnavailable, UpstreamStatusError, UpstreamTimeout
 from app.gateway import Gateway, ServedModel
 from app.ledger.exchange import Exchange
-from app.routing import Deployment, is_retryable
+from app.routing.pool import Deployment, is_retryable
 
 T = TypeVar("T")
 X = TypeVar("X")

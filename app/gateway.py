@@ -24,10 +24,10 @@ from app.ledger.metrics import Metrics
 from app.ledger.ratelimit import Admission, Limits, RateLimiter
 from app.ledger.storage.database import Database
 from app.logs import log_access
-from app.monitor import HealthMonitor
-from app.pools import build_pool
-from app.router_state import RouterState
-from app.routing import Pool
+from app.routing.build import build_pool
+from app.routing.health import HealthMonitor
+from app.routing.pool import Pool
+from app.routing.shared import RouterState
 from app.scope import exchange_of, request_id_of
 from backends.base import (
     Backend,

@@ -8,8 +8,8 @@ import time
 from collections.abc import Sequence
 
 from app.config import RoutingSettings
-from app.router_state import RouterState
-from app.routing import Deployment, Pool
+from app.routing.pool import Deployment, Pool
+from app.routing.shared import RouterState
 
 log = logging.getLogger("clawbot.monitor")
 

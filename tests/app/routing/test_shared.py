@@ -14,8 +14,8 @@ import pytest
 from app.config import parse_config
 from app.gateway import Gateway
 from app.protocol import ChatCompletionRequest, ChatMessage
-from app.router_state import RouterState
-from app.routing import Deployment, Pool
+from app.routing.pool import Deployment, Pool
+from app.routing.shared import RouterState
 from tests.conftest import MASTER_KEY, until
 from tests.services import REDIS_URL, require_redis
 

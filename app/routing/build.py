@@ -8,7 +8,7 @@ import msgspec
 
 from app.config import ConfigError, DeploymentConfig, ModelConfig, deployment_label
 from app.config import model_deployments as deployments_of
-from app.routing import (
+from app.routing.pool import (
     Breaker,
     Deployment,
     LeastBusy,

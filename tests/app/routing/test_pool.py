@@ -18,7 +18,7 @@ from app.errors import (
     UpstreamUnavailable,
 )
 from app.protocol import ChatCompletionRequest, ChatMessage
-from app.routing import (
+from app.routing.pool import (
     Breaker,
     Deployment,
     LeastBusy,

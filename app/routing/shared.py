@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Sequence
 import coredis
 
 from app.config import RoutingSettings
-from app.routing import Deployment, Pool
+from app.routing.pool import Deployment, Pool
 
 log = logging.getLogger("clawbot.router_state")
 
