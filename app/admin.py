@@ -21,6 +21,7 @@ from app.ledger.audit import recent_errors, usage_series, usage_summary
 from app.ledger.keys import KeyRecord
 from app.ledger.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from app.responses import json_response
+from app.scope import arrival_of
 
 PositiveInt = Annotated[int, Meta(ge=1)]
 _DURATION = re.compile(r"^(?P<n>\d+(?:\.\d+)?)(?P<unit>s|m|h|d)$")
@@ -312,7 +313,7 @@ async def issue_token(
     request: Request[Any, Any, Any], gateway: NamedDependency[Gateway]
 ) -> Response[bytes]:
     """Exchange an API key for a bearer token that expires after `auth.token_ttl` seconds."""
-    ctx, _ = await gateway.admit(request)
+    ctx = (await gateway.admit(arrival_of(request))).ctx
     if ctx.key is None:
         raise InvalidRequest(
             "only an API key can be exchanged for a token; create one with POST /admin/keys"

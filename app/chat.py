@@ -13,11 +13,11 @@ from litestar.response import Stream
 from app.bodies import convert, decode_body
 from app.errors import InvalidRequest
 from app.gateway import Gateway
-from app.generation import generate
 from app.hosted_tools import OPENAI_BUILT_IN_TOOLS, LeftOut, note_left_out, refuse_required
 from app.params import prepare_chat
 from app.protocol import ChatCompletionRequest, Tool
-from app.scope import exchange_for
+from app.responses import generate
+from app.scope import arrival_of
 from app.tokens import estimate_chat
 
 
@@ -66,15 +66,13 @@ async def chat_completions(
 ) -> Response[bytes] | Stream:
     """Chat completion, streamed as SSE when `stream` is true."""
     req, left_out = decode_chat(await request.body())
-    ctx, served = await gateway.admit_model(request, req.model, partial(estimate_chat, req))
-    note_left_out(exchange_for(request.scope), left_out)
+    call = await gateway.admit_model(arrival_of(request), req.model, partial(estimate_chat, req))
+    note_left_out(call.exchange, left_out)
     return await generate(
-        request,
         gateway,
-        ctx,
-        served,
+        call,
         req,
         prepare=lambda r, s: prepare_chat(r, s.config, s.capabilities),
         stream=lambda backend, r: backend.stream_chat(r),
-        call=lambda backend, r: backend.chat(r),
+        answer=lambda backend, r: backend.chat(r),
     )

@@ -11,9 +11,10 @@ from litestar.response import Stream
 
 from app.bodies import decode_body
 from app.gateway import Gateway
-from app.generation import generate
 from app.params import prepare_completion
 from app.protocol import CompletionRequest
+from app.responses import generate
+from app.scope import arrival_of
 from app.tokens import estimate_completion
 
 
@@ -23,14 +24,13 @@ async def completions(
 ) -> Response[bytes] | Stream:
     """Text completion, streamed as SSE when `stream` is true."""
     req = decode_body(await request.body(), CompletionRequest)
-    ctx, served = await gateway.admit_model(request, req.model, partial(estimate_completion, req))
+    arrival = arrival_of(request)
+    call = await gateway.admit_model(arrival, req.model, partial(estimate_completion, req))
     return await generate(
-        request,
         gateway,
-        ctx,
-        served,
+        call,
         req,
         prepare=lambda r, s: prepare_completion(r, s.config, s.capabilities),
         stream=lambda backend, r: backend.stream_complete(r),
-        call=lambda backend, r: backend.complete(r),
+        answer=lambda backend, r: backend.complete(r),
     )

@@ -6,35 +6,33 @@ import asyncio
 from collections.abc import Awaitable
 from typing import TypeVar
 
-from litestar.types import Receive
-
 from app.errors import ClientClosedRequest
+from app.gateway import Disconnect
 
 T = TypeVar("T")
 
 
-async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
+async def unless_disconnected(disconnected: Disconnect, work: Awaitable[T]) -> T:
     """Await `work` in this task, cancelling it (and so its generation) if the client leaves.
 
-    Call this only after the request body was read: the next ASGI message is then the
-    disconnect, if any. One watcher task per call; the work itself is not wrapped in a task.
+    Call this only after the request body was read (`Call.disconnected` then waits for the
+    disconnect alone). One watcher task per call; the work itself is not wrapped in a task.
     """
     handler = asyncio.current_task()
     assert handler is not None
-    disconnected = False
+    gone = False
 
     async def watch() -> None:
-        nonlocal disconnected
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        disconnected = True
+        nonlocal gone
+        await disconnected()
+        gone = True
         handler.cancel()
 
     watcher = asyncio.get_running_loop().create_task(watch())
     try:
         return await work
     except asyncio.CancelledError:
-        if not disconnected:
+        if not gone:
             raise
         handler.uncancel()
         raise ClientClosedRequest("the client disconnected before the answer was ready") from None

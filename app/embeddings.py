@@ -14,7 +14,7 @@ from app.gateway import Gateway
 from app.params import prepare_embedding
 from app.protocol import EmbeddingRequest
 from app.responses import json_response
-from app.scope import exchange_for
+from app.scope import arrival_of
 from app.tokens import estimate_embedding
 
 
@@ -24,12 +24,12 @@ async def embeddings(
 ) -> Response[bytes]:
     """Embeddings of a string, strings, or token-id arrays, in input order."""
     req = decode_body(await request.body(), EmbeddingRequest)
-    exchange = exchange_for(request.scope)
-    ctx, served = await gateway.admit_model(request, req.model, partial(estimate_embedding, req))
+    arrival = arrival_of(request)
+    call = await gateway.admit_model(arrival, req.model, partial(estimate_embedding, req))
     per_model = PerModel(req, lambda r, s: prepare_embedding(r, s.config, s.capabilities))
-    per_model(served)
-    result = await Dispatcher(gateway, exchange, ctx).call(
-        served, lambda s, d: d.backend.embed(per_model(s))
+    per_model(call.model)
+    result = await Dispatcher(gateway, call.exchange, call.ctx).call(
+        call.model, lambda s, d: d.backend.embed(per_model(s))
     )
-    exchange.record_usage(result.usage.prompt_tokens, 0)
+    call.exchange.record_usage(result.usage.prompt_tokens, 0)
     return json_response(result)

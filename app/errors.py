@@ -59,6 +59,14 @@ class GatewayError(Exception):
         return self.type
 
 
+def failure_code(exc: BaseException) -> str:
+    """What the audit log calls a failure: the error's code, else its type; anything that is
+    not a GatewayError is an `internal_error`."""
+    if isinstance(exc, GatewayError):
+        return exc.code or exc.error_type
+    return "internal_error"
+
+
 class InvalidRequest(GatewayError):
     """The request is malformed or has a bad parameter."""
 

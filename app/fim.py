@@ -39,9 +39,10 @@ from app.protocol import (
     StreamOptions,
     Usage,
 )
-from app.responses import json_response, observed, sse_response
-from app.scope import exchange_for
+from app.responses import json_response, sse_response
+from app.scope import arrival_of
 from app.tokens import estimate_completion
+from app.usage import observed
 
 _decode_completion = msgspec.json.Decoder(Completion).decode
 
@@ -141,21 +142,14 @@ async def fim_completions(
 ) -> Response[bytes] | Stream:
     """Code between `prompt` and `suffix`, streamed as SSE when `stream` is true."""
     req = completion_request(decode_body(await request.body(), FimCompletionRequest))
-    ctx, served = await gateway.admit_model(request, req.model, partial(estimate_completion, req))
+    arrival = arrival_of(request)
+    call = await gateway.admit_model(arrival, req.model, partial(estimate_completion, req))
     if req.stream:
         items = routed_stream(
-            request,
-            gateway,
-            ctx,
-            served,
-            req,
-            prepare=_prepare,
-            stream=lambda backend, r: backend.stream_complete(r),
+            gateway, call, req, prepare=_prepare, stream=lambda b, r: b.stream_complete(r)
         )
-        return await sse_response(
-            chunks(observed(items, exchange_for(request.scope), strip_usage=False))
-        )
+        return await sse_response(chunks(observed(items, call.exchange, strip_usage=False)))
     result = await routed_answer(
-        request, gateway, ctx, served, req, prepare=_prepare, call=lambda b, r: b.complete(r)
+        gateway, call, req, prepare=_prepare, answer=lambda b, r: b.complete(r)
     )
     return json_response(answer(result))

@@ -6,13 +6,12 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from limits.errors import ConfigurationError
-from litestar import Request
 
 from app.config import Config, ConfigError, ModelConfig, model_deployments
 from app.context import RequestContext, credential_of
@@ -28,7 +27,6 @@ from app.routing.build import build_pool
 from app.routing.health import HealthMonitor
 from app.routing.pool import Pool
 from app.routing.shared import RouterState
-from app.scope import exchange_of, request_id_of
 from backends.base import (
     Backend,
     BackendFactory,
@@ -106,6 +104,41 @@ def _limits(
 ) -> Limits | None:
     limits = Limits(requests_per_minute, tokens_per_minute, max_parallel, tokens_per_period, period)
     return limits if limits != Limits() else None
+
+
+Disconnect = Callable[[], Awaitable[None]]
+"""Returns once the client has gone away (the web layer builds it from the connection)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """A request as the core sees it, built by the web layer (`app.scope.arrival_of`): the core
+    never reads the ASGI scope itself."""
+
+    request_id: str
+    client_ip: str
+    route: str
+    headers: Mapping[str, str]
+    """Lower-case names."""
+    exchange: Exchange
+    """The request's bookkeeping record, filled as it is served."""
+    disconnected: Disconnect
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """An admitted request: what the policies learned, the model it names, its exchange."""
+
+    ctx: RequestContext
+    served: ServedModel | None
+    exchange: Exchange
+    disconnected: Disconnect
+
+    @property
+    def model(self) -> ServedModel:
+        """The served model (`Gateway.admit_model` guarantees one)."""
+        assert self.served is not None, "admitted without a model"
+        return self.served
 
 
 @dataclass(slots=True)
@@ -320,50 +353,42 @@ class Gateway:
         return subjects
 
     async def admit_model(
-        self,
-        request: Request[Any, Any, Any],
-        model: str,
-        estimate: Callable[[], int] | None = None,
-    ) -> tuple[RequestContext, ServedModel]:
-        """`admit` for a request naming a model; returns the resolved model too."""
-        ctx, served = await self.admit(request, model, estimate)
-        assert served is not None  # admit raised ModelNotFound otherwise
-        return ctx, served
+        self, arrival: Arrival, model: str, estimate: Callable[[], int] | None = None
+    ) -> Call:
+        """`admit` for a request naming a model: `Call.model` is the resolved one."""
+        call = await self.admit(arrival, model, estimate)
+        assert call.served is not None  # admit raised ModelNotFound otherwise
+        return call
 
     async def admit(
-        self,
-        request: Request[Any, Any, Any],
-        model: str | None = None,
-        estimate: Callable[[], int] | None = None,
-    ) -> tuple[RequestContext, ServedModel | None]:
+        self, arrival: Arrival, model: str | None = None, estimate: Callable[[], int] | None = None
+    ) -> Call:
         """Run the policy chain on a request; then an unknown model is a 404.
 
         The model is looked up first so policies see it, but reported missing only after
         authentication, so unauthenticated clients learn nothing about what is served.
         """
-        client = request.client
         served = self.names.get(model) if model is not None else None
         ctx = RequestContext(
-            request_id=request_id_of(request.scope),
-            client_ip=client.host if client else "",
-            route=request.scope["path"],
-            credential=credential_of(request.headers),
-            headers=request.headers,
+            request_id=arrival.request_id,
+            client_ip=arrival.client_ip,
+            route=arrival.route,
+            credential=credential_of(arrival.headers),
+            headers=arrival.headers,
             model=served.config.id if served else model,
             estimate_tokens=estimate,
         )
-        exchange = exchange_of(request.scope)
-        if exchange is not None:
-            exchange.ctx = ctx
+        exchange = arrival.exchange
+        exchange.ctx = ctx
         for policy in self.policies:
             await policy.check(ctx)
         admission = ctx.extra.get("rate_limit")
-        if exchange is not None and isinstance(admission, Admission):
+        if isinstance(admission, Admission):
             exchange.response_headers.update(admission.headers())
             exchange.on_finish.append(_releaser(admission))
         if model is not None and served is None:
             self.resolve(model)
-        return ctx, served
+        return Call(ctx=ctx, served=served, exchange=exchange, disconnected=arrival.disconnected)
 
     async def finish(self, exchange: Exchange) -> None:
         """After the answer: settle rate limits with real usage, write the access line, then

@@ -31,7 +31,7 @@ from app.messages_bridge import (
 )
 from app.messages_protocol import CountTokensRequest, CountTokensResponse, MessagesRequest
 from app.responses import json_response, named_sse_response
-from app.scope import exchange_for
+from app.scope import arrival_of
 from app.wire_errors import anthropic_error_event, anthropic_error_response
 
 # Everything raised on these routes (policies, body decoding, backends) is answered in
@@ -49,15 +49,15 @@ async def create_message(
     left_out = server_tools(req.tools)
     # Counted at most once: for token limits, and for `message_start` of a stream.
     input_tokens = cache(lambda: estimate_input_tokens(chat.messages, chat.tools))
-    ctx, served = await gateway.admit_model(
-        request, req.model, lambda: input_tokens() + req.max_tokens
+    call = await gateway.admit_model(
+        arrival_of(request), req.model, lambda: input_tokens() + req.max_tokens
     )
-    note_left_out(exchange_for(request.scope), left_out)
+    note_left_out(call.exchange, left_out)
     if req.stream:
-        chunks = chat_chunks(request, gateway, ctx, served, chat)
-        events = message_events(chunks, served.config.id, input_tokens)
+        chunks = chat_chunks(gateway, call, chat)
+        events = message_events(chunks, call.model.config.id, input_tokens)
         return await named_sse_response(events, anthropic_error_event)
-    result = await chat_answer(request, gateway, ctx, served, chat)
+    result = await chat_answer(gateway, call, chat)
     return json_response(to_message(result, input_tokens))
 
 
@@ -68,5 +68,5 @@ async def count_message_tokens(
     """The prompt's input tokens, estimated in cl100k; nothing is generated."""
     req = decode_body(await request.body(), CountTokensRequest)
     messages, tools = to_chat_messages(req), to_chat_tools(req.tools)
-    await gateway.admit_model(request, req.model)
+    await gateway.admit_model(arrival_of(request), req.model)
     return json_response(CountTokensResponse(input_tokens=estimate_input_tokens(messages, tools)))

@@ -11,6 +11,7 @@ from litestar.params import FromPath
 from app.gateway import Gateway, ServedModel
 from app.protocol import UNSET, Model, ModelCapabilities, ModelList
 from app.responses import json_response
+from app.scope import arrival_of
 
 
 def model_object(served: ServedModel) -> Model:
@@ -42,7 +43,7 @@ async def list_models(
     request: Request[Any, Any, Any], gateway: NamedDependency[Gateway]
 ) -> Response[bytes]:
     """Every served model (aliases are accepted in requests but not listed)."""
-    await gateway.admit(request)
+    await gateway.admit(arrival_of(request))
     return json_response(ModelList(data=[model_object(m) for m in gateway.models]))
 
 
@@ -51,5 +52,5 @@ async def retrieve_model(
     request: Request[Any, Any, Any], gateway: NamedDependency[Gateway], model_id: FromPath[str]
 ) -> Response[bytes]:
     """One model by id or alias."""
-    _, served = await gateway.admit_model(request, model_id.lstrip("/"))
-    return json_response(model_object(served))
+    call = await gateway.admit_model(arrival_of(request), model_id.lstrip("/"))
+    return json_response(model_object(call.model))

@@ -34,7 +34,7 @@ from app.protocol import (
     RerankUsage,
 )
 from app.responses import json_response
-from app.scope import exchange_for
+from app.scope import arrival_of
 from app.tokens import count_tokens
 from backends.base import Backend, Reranker
 
@@ -155,13 +155,13 @@ async def rerank(
 ) -> Response[bytes]:
     """Documents ordered by relevance to the query, as `results` and as `data`."""
     req = decode_body(await request.body(), RerankRequest)
-    exchange = exchange_for(request.scope)
-    ctx, served = await gateway.admit_model(request, req.model, partial(estimate_rerank, req))
+    call = await gateway.admit_model(arrival_of(request), req.model, partial(estimate_rerank, req))
     per_model = PerModel(req, prepare_rerank)
-    prepared = per_model(served)
-    dispatcher = Dispatcher(gateway, exchange, ctx)
+    prepared = per_model(call.model)
+    dispatcher = Dispatcher(gateway, call.exchange, call.ctx)
     answer = await unless_disconnected(
-        request.receive, dispatcher.call(served, lambda s, d: score(d.backend, per_model(s)))
+        call.disconnected,
+        dispatcher.call(call.model, lambda s, d: score(d.backend, per_model(s))),
     )
-    exchange.record_usage(answer.usage.prompt_tokens, 0)
-    return json_response(ranked(prepared, answer, ctx.request_id))
+    call.exchange.record_usage(answer.usage.prompt_tokens, 0)
+    return json_response(ranked(prepared, answer, call.ctx.request_id))

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
 from litestar import Response
 from litestar.response import Stream
-from msgspec import Raw
 
-from app.ledger.exchange import Exchange
-from app.protocol import UNSET, Usage
+from app.gateway import Call, Gateway
+from app.generation import Prepare, R, routed_answer, routed_stream
+from app.protocol import ChatCompletion, Completion, StreamItem
 from app.sse import DONE, NamedEvent, encode_named_stream, encode_stream
-from app.wire_errors import error_code
+from app.usage import observed
+from backends.base import Backend
 
 _encode = msgspec.json.Encoder().encode
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
@@ -28,101 +27,6 @@ def json_response(body: Any, status_code: int = 200) -> Response[bytes]:
 
 async def _only_done() -> AsyncIterator[bytes]:
     yield DONE
-
-
-class _DeltaProbe(msgspec.Struct):
-    content: str | None = None
-    reasoning_content: str | None = None
-    reasoning: str | None = None
-    refusal: str | None = None
-    tool_calls: list[Any] | None = None
-
-
-class _ChoiceProbe(msgspec.Struct):
-    delta: _DeltaProbe | None = None
-    text: str | None = None
-
-
-class _Probe(msgspec.Struct):
-    choices: list[_ChoiceProbe] | None = None
-    usage: Usage | None = None
-
-
-_probe = msgspec.json.Decoder(_Probe).decode
-
-
-def _has_token(choices: list[Any]) -> bool:
-    """Whether a chunk's choices carry generated output: text, reasoning or a tool call."""
-    for choice in choices:
-        text = getattr(choice, "text", None)
-        delta = getattr(choice, "delta", None)
-        if text or (
-            delta is not None
-            and any(
-                getattr(delta, name, None)
-                for name in ("content", "reasoning_content", "reasoning", "refusal", "tool_calls")
-            )
-        ):
-            return True
-    return False
-
-
-class _Seen(msgspec.Struct):
-    usage: Usage | None
-    usage_only: bool
-    """The usage-only final chunk (no choices)."""
-    token: bool
-    """The chunk carries generated output."""
-
-
-def _inspect(item: Any, want_token: bool) -> _Seen:
-    """An item's usage and whether it carries a token (`want_token`: worth finding out)."""
-    if isinstance(item, Raw):
-        raw = bytes(item)
-        has_usage = b'"usage"' in raw and b'"usage":null' not in raw and b'"usage": null' not in raw
-        if not has_usage and not want_token:
-            return _Seen(None, False, False)
-        try:
-            probe = _probe(raw)
-        except msgspec.MsgspecError:
-            return _Seen(None, False, False)
-        choices = probe.choices or []
-        usage_only = probe.usage is not None and probe.choices == []
-        return _Seen(probe.usage, usage_only, want_token and _has_token(choices))
-    usage = getattr(item, "usage", None)
-    choices = getattr(item, "choices", None) or []
-    token = want_token and _has_token(choices)
-    if isinstance(usage, Usage):
-        return _Seen(usage, not item.choices, token)
-    return _Seen(None, False, token)
-
-
-async def observed(
-    source: AsyncIterator[Any], exchange: Exchange, *, strip_usage: bool
-) -> AsyncIterator[Any]:
-    """Pass a stream through, noting its usage, its first token and its failure in the
-    exchange.
-
-    With `strip_usage` the gateway asked the backend for usage the client did not ask for:
-    the usage-only final chunk is dropped after it is noted.
-    """
-    async with aclosing(source):  # type: ignore[type-var]
-        try:
-            async for item in source:
-                seen = _inspect(item, want_token=exchange.first_token_at is None)
-                if seen.token:
-                    exchange.first_token_at = time.perf_counter()
-                if seen.usage is not None:
-                    exchange.record_usage(seen.usage.prompt_tokens, seen.usage.completion_tokens)
-                if strip_usage:
-                    if seen.usage_only:
-                        continue
-                    if not isinstance(item, Raw) and getattr(item, "usage", UNSET) is None:
-                        item.usage = UNSET
-                yield item
-        except Exception as exc:
-            exchange.error_type = error_code(exc)
-            raise
 
 
 async def sse_response(source: AsyncIterator[Any]) -> Stream:
@@ -155,3 +59,22 @@ async def named_sse_response(
         media_type="text/event-stream",
         headers=SSE_HEADERS,
     )
+
+
+async def generate(
+    gateway: Gateway,
+    call: Call,
+    req: R,
+    *,
+    prepare: Prepare[R],
+    stream: Callable[[Backend, R], AsyncIterator[StreamItem]],
+    answer: Callable[[Backend, R], Awaitable[ChatCompletion | Completion]],
+) -> Response[bytes] | Stream:
+    """Serve a generation as OpenAI's SSE or JSON; usage reaches the client only if it asked
+    for it."""
+    if req.stream:
+        asked = bool(req.stream_options and req.stream_options.include_usage)
+        items = routed_stream(gateway, call, req, prepare=prepare, stream=stream)
+        return await sse_response(observed(items, call.exchange, strip_usage=not asked))
+    result = await routed_answer(gateway, call, req, prepare=prepare, answer=answer)
+    return json_response(result)

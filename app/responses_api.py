@@ -22,7 +22,7 @@ from app.responses_bridge import (
     response_events,
 )
 from app.responses_protocol import CreateResponse
-from app.scope import exchange_for
+from app.scope import arrival_of
 from app.tokens import estimate_chat
 
 
@@ -33,15 +33,15 @@ async def create_response(
     """A model response, streamed as named SSE events when `stream` is true."""
     req = decode_body(await request.body(), CreateResponse)
     bridged = bridge_request(req)
-    ctx, served = await gateway.admit_model(
-        request, req.model, partial(estimate_chat, bridged.chat)
+    call = await gateway.admit_model(
+        arrival_of(request), req.model, partial(estimate_chat, bridged.chat)
     )
     # Until the backend answers, the response names the model as configured (not an alias).
-    shell = msgspec.structs.replace(bridged.shell, model=served.config.id)
-    note_left_out(exchange_for(request.scope), bridged.left_out)
+    shell = msgspec.structs.replace(bridged.shell, model=call.model.config.id)
+    note_left_out(call.exchange, bridged.left_out)
     if req.stream:
-        chunks = chat_chunks(request, gateway, ctx, served, bridged.chat)
+        chunks = chat_chunks(gateway, call, bridged.chat)
         stream = ResponseStream(shell, bridged.namespaced)
         return await named_sse_response(response_events(chunks, stream), stream.error)
-    completion = await chat_answer(request, gateway, ctx, served, bridged.chat)
+    completion = await chat_answer(gateway, call, bridged.chat)
     return json_response(bridge_response(completion, shell, bridged.namespaced))

@@ -1,7 +1,8 @@
 """What the gateway keeps in an ASGI scope's `state`, one accessor per key.
 
 `request_id` (set by `Edge`), `exchange` (opened by `Accounting`) and `refusal` (an admin
-request `Edge` turned away, answered by `Accounting`). Everything else reads them through here.
+request `Edge` turned away, answered by `Accounting`). Everything else reads them through here,
+and routes hand the core an `Arrival` made of them (`arrival_of`).
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ import secrets
 import time
 from typing import Any
 
+from litestar import Request
 from litestar.types import Scope
 
+from app.gateway import Arrival
 from app.ledger.exchange import Exchange
 
 REQUEST_ID = "request_id"
@@ -38,3 +41,23 @@ def exchange_of(scope: Scope | dict[str, Any]) -> Exchange | None:
 def exchange_for(scope: Scope | dict[str, Any]) -> Exchange:
     """The request's exchange; a detached one when the app runs without `Accounting`."""
     return exchange_of(scope) or Exchange(started=time.perf_counter(), route=str(scope["path"]))
+
+
+def arrival_of(request: Request[Any, Any, Any]) -> Arrival:
+    """The request as the core takes it (`Gateway.admit`)."""
+    client = request.client
+    receive = request.receive
+
+    async def disconnected() -> None:
+        # Only after the body was read: the next message is then the disconnect, if any.
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    return Arrival(
+        request_id=request_id_of(request.scope),
+        client_ip=client.host if client else "",
+        route=request.scope["path"],
+        headers=request.headers,
+        exchange=exchange_for(request.scope),
+        disconnected=disconnected,
+    )

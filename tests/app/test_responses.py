@@ -10,8 +10,8 @@ import pytest
 
 from app.ledger.exchange import Exchange
 from app.protocol import ChatCompletionChunk, ChunkChoice, ChunkDelta
-from app.responses import observed
 from app.sse import encode_stream
+from app.usage import observed
 
 
 async def failing() -> AsyncIterator[dict[str, int]]:
