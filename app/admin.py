@@ -14,12 +14,14 @@ from litestar.params import FromPath
 from msgspec import UNSET, Meta, UnsetType
 
 from app.bodies import decode_body
+from app.config import ConfigError
 from app.context import credential_of
 from app.errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
 from app.gateway import Gateway
 from app.ledger.audit import recent_errors, usage_series, usage_summary
 from app.ledger.keys import KeyRecord
 from app.ledger.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from app.reload import Reloader
 from app.responses import json_response
 from app.scope import arrival_of
 
@@ -343,3 +345,19 @@ async def metrics_endpoint(
     if gateway.config.metrics.require_key:
         require_master(request, gateway)
     return Response(content=metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+
+@post("/admin/reload", status_code=200)
+async def reload_config(
+    request: Request[Any, Any, Any], gateway: NamedDependency[Gateway]
+) -> Response[bytes]:
+    """Read clawbot.json again and apply it; the answer says what changed (400: what is wrong)."""
+    require_master(request, gateway)
+    reloader: Reloader = request.app.state.reloader
+    try:
+        report = await reloader.reload("POST /admin/reload")
+    except ConfigError as exc:
+        raise InvalidRequest(
+            f"config not reloaded, the previous one keeps serving: {exc}", code="invalid_config"
+        ) from exc
+    return json_response(report)

@@ -20,17 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from litestar import Request, Response, post
-from litestar.di import NamedDependency
-from litestar.types import ASGIApp, Receive, Scope, Send
 
 from app import logs
-from app.admin import require_master
 from app.config import Config, ConfigError, load_config
-from app.errors import InvalidRequest
 from app.gateway import Gateway
 from app.ledger.exchange import Exchange
-from app.responses import json_response
 from backends.base import Backend, BackendFactory
 from policies.base import Policy
 
@@ -380,48 +374,3 @@ def _describe(report: ReloadReport, old: Gateway, new: Gateway) -> None:
 
 def _all_in(backends: Sequence[Backend], ids: set[int]) -> bool:
     return all(id(b) in ids for b in backends)
-
-
-class PinGateway:
-    """ASGI middleware: each HTTP request is served to its end by the gateway that was current
-    when it arrived, and counted in that gateway's `in_flight` meanwhile."""
-
-    def __init__(self, app: ASGIApp, reloader: Reloader) -> None:
-        self.app = app
-        self.reloader = reloader
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":  # type: ignore[comparison-overlap]
-            await self.app(scope, receive, send)
-            return
-        gateway = self.reloader.current
-        state: dict[str, Any] = scope.setdefault("state", {})
-        state["gateway"] = gateway
-        gateway.in_flight += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            gateway.in_flight -= 1
-
-
-def gateway_of(scope: Scope) -> Gateway | None:
-    """The gateway `PinGateway` pinned this request to."""
-    state: dict[str, Any] = scope.get("state") or {}
-    gateway = state.get("gateway")
-    return gateway if isinstance(gateway, Gateway) else None
-
-
-@post("/admin/reload", status_code=200)
-async def reload_config(
-    request: Request[Any, Any, Any], gateway: NamedDependency[Gateway]
-) -> Response[bytes]:
-    """Read clawbot.json again and apply it; the answer says what changed (400: what is wrong)."""
-    require_master(request, gateway)
-    reloader: Reloader = request.app.state.reloader
-    try:
-        report = await reloader.reload("POST /admin/reload")
-    except ConfigError as exc:
-        raise InvalidRequest(
-            f"config not reloaded, the previous one keeps serving: {exc}", code="invalid_config"
-        ) from exc
-    return json_response(report)

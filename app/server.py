@@ -22,7 +22,6 @@ from app import (
     health,
     messages_api,
     models,
-    reload,
     rerank,
     responses_api,
 )
@@ -30,12 +29,13 @@ from app.accounting import Accounting
 from app.edge import Edge
 from app.gateway import Gateway
 from app.ledger import metrics
-from app.reload import PinGateway, Reloader, gateway_of
+from app.pin import PinGateway, gateway_of
+from app.reload import Reloader
 from app.wire_errors import error_response
 
 
 def _gateway(state: State, scope: Scope) -> Gateway:
-    """The gateway this request is pinned to (see `app.reload`), else the current one."""
+    """The gateway this request is pinned to (see `app.pin`), else the current one."""
     reloader: Reloader = state.reloader
     return gateway_of(scope) or reloader.current
 
@@ -92,7 +92,7 @@ def build_litestar(
             admin.list_errors,
             admin.backends,
             admin.issue_token,
-            reload.reload_config,
+            admin.reload_config,
             *admin_ui.routes(),
         ],
         dependencies={"gateway": Provide(_gateway, sync_to_thread=False)},
