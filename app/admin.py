@@ -15,15 +15,15 @@ from msgspec import UNSET, Meta, UnsetType
 
 from app.bodies import decode_body
 from app.config import ConfigError
-from app.context import credential_of
+from app.core.gateway import Gateway
+from app.core.reload import Reloader
 from app.errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
-from app.gateway import Gateway
 from app.ledger.audit import recent_errors, usage_series, usage_summary
 from app.ledger.keys import KeyRecord
 from app.ledger.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from app.reload import Reloader
 from app.responses import json_response
 from app.scope import arrival_of
+from policies.context import credential_of
 
 PositiveInt = Annotated[int, Meta(ge=1)]
 _DURATION = re.compile(r"^(?P<n>\d+(?:\.\d+)?)(?P<unit>s|m|h|d)$")

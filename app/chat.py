@@ -11,10 +11,10 @@ from litestar.di import NamedDependency
 from litestar.response import Stream
 
 from app.bodies import convert, decode_body
+from app.core.gateway import Gateway
+from app.core.params import prepare_chat
 from app.errors import InvalidRequest
-from app.gateway import Gateway
 from app.hosted_tools import OPENAI_BUILT_IN_TOOLS, LeftOut, note_left_out, refuse_required
-from app.params import prepare_chat
 from app.protocol import ChatCompletionRequest, Tool
 from app.responses import generate
 from app.scope import arrival_of

@@ -35,7 +35,7 @@ from app.config import (
     load_config,
     model_deployments,
 )
-from app.gateway import Gateway
+from app.core.gateway import Gateway
 from app.tls import ssl_context_factory
 from app.workers import check_workers, supervise
 

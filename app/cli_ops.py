@@ -24,8 +24,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app.backup import BackupError, Manifest, create_backup, restore_backup
 from app.config import Config, ConfigError, load_config, model_deployments
+from app.core.gateway import Gateway
 from app.diagnose import Check, run_checks
-from app.gateway import Gateway
 from app.llama_build import check_llama_build
 from app.tls import ssl_context_factory
 from backends.base import backend_scheme

@@ -10,8 +10,8 @@ from litestar.di import NamedDependency
 from litestar.response import Stream
 
 from app.bodies import decode_body
-from app.gateway import Gateway
-from app.params import prepare_completion
+from app.core.gateway import Gateway
+from app.core.params import prepare_completion
 from app.protocol import CompletionRequest
 from app.responses import generate
 from app.scope import arrival_of

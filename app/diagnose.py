@@ -23,7 +23,7 @@ import msgspec
 from sqlalchemy.engine import make_url
 
 from app.config import Config, DeploymentConfig, ModelConfig, model_deployments
-from app.gateway import Gateway
+from app.core.gateway import Gateway
 from app.ledger.storage.database import Database, head_revision
 from app.routing.build import deployment_options
 from app.routing.pool import Deployment

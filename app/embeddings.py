@@ -9,9 +9,9 @@ from litestar import Request, Response, post
 from litestar.di import NamedDependency
 
 from app.bodies import decode_body
-from app.dispatch import Dispatcher, PerModel
-from app.gateway import Gateway
-from app.params import prepare_embedding
+from app.core.dispatch import Dispatcher, PerModel
+from app.core.gateway import Gateway
+from app.core.params import prepare_embedding
 from app.protocol import EmbeddingRequest
 from app.responses import json_response
 from app.scope import arrival_of

@@ -20,10 +20,11 @@ from litestar.response import Stream
 from msgspec import Raw
 
 from app.bodies import decode_body
+from app.core.gateway import Gateway, ServedModel
+from app.core.generation import routed_answer, routed_stream
+from app.core.params import prepare_completion
+from app.core.usage import observed
 from app.errors import UpstreamError
-from app.gateway import Gateway, ServedModel
-from app.generation import routed_answer, routed_stream
-from app.params import prepare_completion
 from app.protocol import (
     UNSET,
     ChatChoice,
@@ -42,7 +43,6 @@ from app.protocol import (
 from app.responses import json_response, sse_response
 from app.scope import arrival_of
 from app.tokens import estimate_completion
-from app.usage import observed
 
 _decode_completion = msgspec.json.Decoder(Completion).decode
 

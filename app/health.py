@@ -5,8 +5,8 @@ from __future__ import annotations
 from litestar import Response, get
 from litestar.di import NamedDependency
 
+from app.core.gateway import Gateway
 from app.errors import ServiceUnavailable
-from app.gateway import Gateway
 from app.responses import json_response
 
 

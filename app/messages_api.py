@@ -17,8 +17,8 @@ from litestar.response import Stream
 from litestar.types import ExceptionHandlersMap
 
 from app.bodies import decode_body
-from app.gateway import Gateway
-from app.generation import chat_answer, chat_chunks
+from app.core.gateway import Gateway
+from app.core.generation import chat_answer, chat_chunks
 from app.hosted_tools import note_left_out
 from app.messages_bridge import (
     estimate_input_tokens,

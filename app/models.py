@@ -8,7 +8,7 @@ from litestar import Request, Response, get
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
-from app.gateway import Gateway, ServedModel
+from app.core.gateway import Gateway, ServedModel
 from app.protocol import UNSET, Model, ModelCapabilities, ModelList
 from app.responses import json_response
 from app.scope import arrival_of

@@ -1,5 +1,5 @@
 """The middleware that pins each request to the gateway current when it arrived, so that a
-reload (`app.reload`) never changes the gateway under a request being served."""
+reload (`app.core.reload`) never changes the gateway under a request being served."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from app.gateway import Gateway
-from app.reload import Reloader
+from app.core.gateway import Gateway
+from app.core.reload import Reloader
 
 GATEWAY = "gateway"
 """The scope-state key of the pinned gateway."""

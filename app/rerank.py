@@ -20,10 +20,10 @@ from litestar import Request, Response, post
 from litestar.di import NamedDependency
 
 from app.bodies import decode_body
-from app.disconnect import unless_disconnected
-from app.dispatch import Dispatcher, PerModel
+from app.core.disconnect import unless_disconnected
+from app.core.dispatch import Dispatcher, PerModel
+from app.core.gateway import Gateway, ServedModel
 from app.errors import InvalidRequest, UnsupportedParameter, UpstreamError, UpstreamStatusError
-from app.gateway import Gateway, ServedModel
 from app.protocol import (
     UNSET,
     EmbeddingRequest,

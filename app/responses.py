@@ -9,11 +9,11 @@ import msgspec
 from litestar import Response
 from litestar.response import Stream
 
-from app.gateway import Call, Gateway
-from app.generation import Prepare, R, routed_answer, routed_stream
+from app.core.gateway import Call, Gateway
+from app.core.generation import Prepare, R, routed_answer, routed_stream
+from app.core.usage import observed
 from app.protocol import ChatCompletion, Completion, StreamItem
 from app.sse import DONE, NamedEvent, encode_named_stream, encode_stream
-from app.usage import observed
 from backends.base import Backend
 
 _encode = msgspec.json.Encoder().encode

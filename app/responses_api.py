@@ -11,8 +11,8 @@ from litestar.di import NamedDependency
 from litestar.response import Stream
 
 from app.bodies import decode_body
-from app.gateway import Gateway
-from app.generation import chat_answer, chat_chunks
+from app.core.gateway import Gateway
+from app.core.generation import chat_answer, chat_chunks
 from app.hosted_tools import note_left_out
 from app.responses import json_response, named_sse_response
 from app.responses_bridge import (

@@ -14,7 +14,7 @@ from typing import Any
 from litestar import Request
 from litestar.types import Scope
 
-from app.gateway import Arrival
+from app.core.gateway import Arrival
 from app.ledger.exchange import Exchange
 
 REQUEST_ID = "request_id"

@@ -26,11 +26,11 @@ from app import (
     responses_api,
 )
 from app.accounting import Accounting
+from app.core.gateway import Gateway
+from app.core.reload import Reloader
 from app.edge import Edge
-from app.gateway import Gateway
 from app.ledger import metrics
 from app.pin import PinGateway, gateway_of
-from app.reload import Reloader
 from app.wire_errors import error_response
 
 
@@ -114,7 +114,7 @@ def create_app(
 ) -> Edge:
     """The full ASGI app for `gateway`: edge, accounting, the request's gateway, the routes.
 
-    With `config_path`, edits to that file (and SIGHUP) are applied live: `app.reload`.
+    With `config_path`, edits to that file (and SIGHUP) are applied live: `app.core.reload`.
     """
     reloader = Reloader(gateway, config_path)
     routes = build_litestar(gateway, on_ready, reloader)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import hmac
 from datetime import UTC, datetime
 
-from app.context import RequestContext
 from app.errors import AuthenticationFailed
 from app.ledger.keys import TOKEN_PREFIX, KeyCache, TokenSigner
+from policies.context import RequestContext
 
 
 class ApiKeyPolicy:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from app.context import RequestContext
+from policies.context import RequestContext
 
 
 @runtime_checkable

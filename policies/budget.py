@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from app.context import RequestContext
 from app.errors import RateLimited
+from policies.context import RequestContext
 
 
 class BudgetPolicy:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
-from app.context import RequestContext
 from app.errors import IpNotAllowed
+from policies.context import RequestContext
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

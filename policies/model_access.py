@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from app.context import RequestContext
 from app.errors import PermissionDenied
+from policies.context import RequestContext
 
 
 class ModelAccessPolicy:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from app.context import RequestContext
 from app.ledger.ratelimit import Limits, RateLimiter
+from policies.context import RequestContext
 
 
 class RateLimitPolicy:

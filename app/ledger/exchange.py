@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from app.context import RequestContext
+    from policies.context import RequestContext
 
 log = logging.getLogger("clawbot.gateway")
 

@@ -14,7 +14,7 @@ Two kinds of numbers, gathered at two different times:
 
 Gateway overhead is the request's latency minus the time spent waiting on backends: every
 attempt of a non-streamed call, and every item of a stream, from asking the backend to getting
-the item (`Exchange.upstream_s`, measured in `app.dispatch`). What remains is what the gateway
+the item (`Exchange.upstream_s`, measured in `app.core.dispatch`). What remains is what the gateway
 itself spent: parsing, policies, routing, encoding, and writing to the client (for a stream
 read slowly, waiting on that client too). Waits include event-loop scheduling delay, which
 under load lands on either side.

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from app.gateway import Gateway
+from app.core.gateway import Gateway
 from app.ledger.storage.schema import ApiKey, AuditRecord
 from app.server import create_app
 from tests.conftest import (

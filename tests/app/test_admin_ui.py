@@ -17,7 +17,7 @@ from sqlalchemy import insert
 
 from app.admin_ui import ASSETS, PAGE
 from app.config import parse_config
-from app.gateway import Gateway
+from app.core.gateway import Gateway
 from app.ledger.audit import usage_series
 from app.ledger.storage.database import Database
 from app.ledger.storage.schema import AuditRecord

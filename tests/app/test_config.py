@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from app.config import ConfigError, load_config, parse_config
-from app.gateway import Gateway
+from app.core.gateway import Gateway
 
 MODEL = {"id": "m", "backend": "mock:"}
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.gateway import Gateway
+from app.core.gateway import Gateway
 from app.server import create_app
 from tests.conftest import AppClient, make_config
 

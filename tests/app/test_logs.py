@@ -21,8 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
 from app.config import Config, ConfigError, parse_config
-from app.context import RequestContext
-from app.gateway import Gateway
+from app.core.gateway import Gateway
 from app.ledger.exchange import Exchange
 from app.ledger.storage.schema import AuditRecord
 from app.logs import (
@@ -34,6 +33,7 @@ from app.logs import (
     setup_logging,
 )
 from app.server import create_app
+from policies.context import RequestContext
 from tests.conftest import AUTH, MASTER_KEY, AppClient
 from tests.services import REDIS_URL, require_redis
 from tests.serving import serve

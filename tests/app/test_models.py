@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from app.gateway import Gateway
+from app.core.gateway import Gateway
 from app.server import create_app
 from tests.conftest import AUTH, AppClient, make_config
 

@@ -13,8 +13,8 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from app.accounting import Accounting
 from app.config import IpAllowlist, PolicySettings
+from app.core.gateway import Gateway
 from app.edge import Edge, forwarded_client
-from app.gateway import Gateway
 from app.ledger.exchange import Exchange
 from app.server import create_app
 from policies.ip_allowlist import AddressSet

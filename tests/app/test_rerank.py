@@ -13,8 +13,8 @@ import pytest
 import respx
 
 from app.config import Config
+from app.core.gateway import Gateway
 from app.errors import ContextLengthExceeded
-from app.gateway import Gateway
 from app.protocol import EmbeddingList, EmbeddingRequest
 from app.server import create_app
 from backends.base import BackendSpec

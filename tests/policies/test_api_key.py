@@ -6,11 +6,11 @@ from typing import Any
 
 import pytest
 
-from app.context import RequestContext, credential_of
 from app.errors import AuthenticationFailed
 from app.ledger.keys import KeyCache, KeyStore, TokenSigner
 from app.ledger.storage.database import Database
 from policies.api_key import ApiKeyPolicy
+from policies.context import RequestContext, credential_of
 from tests.conftest import MASTER_KEY, AppClient, make_config
 
 BODY = {"model": "mock", "messages": [{"role": "user", "content": "x"}]}

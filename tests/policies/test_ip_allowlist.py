@@ -12,10 +12,10 @@ import msgspec
 import pytest
 
 from app.config import Config, DatabaseSettings, IpAllowlist, PolicySettings
-from app.context import RequestContext
+from app.core.gateway import Gateway
 from app.errors import IpNotAllowed, PermissionDenied
-from app.gateway import Gateway
 from app.server import create_app
+from policies.context import RequestContext
 from policies.ip_allowlist import AddressSet, IpAllowlistPolicy, parse_address
 from tests.conftest import AUTH, AppClient, Peer, make_config
 

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from app.config import ConfigError, parse_config
-from app.gateway import Gateway
+from app.core.gateway import Gateway
 from app.server import create_app
 from backends.registry import PluginBackendFactory, backend_factories
 from policies.plugins import available_plugins, load_plugin_policies

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from app.context import RequestContext
 from app.errors import RateLimited
 from app.ledger.ratelimit import Admission, Limits
+from policies.context import RequestContext
 from policies.rate_limit import RateLimitPolicy
 from tests.app.ledger.test_ratelimit import LimiterFactory, make_limiter
 

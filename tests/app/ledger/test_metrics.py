@@ -21,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.config import load_config, parse_config
-from app.gateway import Gateway
+from app.core.gateway import Gateway
 from app.ledger.audit import AuditEntry
 from app.ledger.metrics import MULTIPROCESS_ENV
 from app.server import create_app
@@ -396,8 +396,8 @@ _WORKER = textwrap.dedent(
     """
     import asyncio, os, sys, time
     from app.ledger.exchange import Exchange
-    from app.context import RequestContext
-    from app.gateway import Gateway
+    from policies.context import RequestContext
+    from app.core.gateway import Gateway
     from app.ledger.metrics import Metrics
     from tests.conftest import make_config
 
@@ -426,7 +426,7 @@ _WORKER = textwrap.dedent(
 _SCRAPER = textwrap.dedent(
     """
     import sys
-    from app.gateway import Gateway
+    from app.core.gateway import Gateway
     from app.ledger.metrics import Metrics
     from tests.conftest import make_config
 

@@ -12,7 +12,7 @@ import msgspec
 import pytest
 
 from app.config import parse_config
-from app.gateway import Gateway
+from app.core.gateway import Gateway
 from app.protocol import ChatCompletionRequest, ChatMessage
 from app.routing.pool import Deployment, Pool
 from app.routing.shared import RouterState

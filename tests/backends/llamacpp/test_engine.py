@@ -11,7 +11,7 @@ import msgspec
 import pytest
 
 from app.config import MemorySettings, ModelConfig
-from app.gateway import Gateway
+from app.core.gateway import Gateway
 from app.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from app.server import create_app
 from backends.base import BackendSpec

@@ -12,7 +12,7 @@ from sqlalchemy import inspect
 
 from app.cli import main
 from app.config import ConfigError, parse_config
-from app.gateway import Gateway
+from app.core.gateway import Gateway
 from app.ledger.storage.database import Database, head_revision
 from app.server import create_app
 from tests.conftest import AppClient

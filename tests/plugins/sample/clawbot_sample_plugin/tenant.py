@@ -7,8 +7,8 @@ from typing import Any
 import msgspec
 
 from app.config import Config, ConfigError
-from app.context import RequestContext
 from app.errors import PermissionDenied
+from policies.context import RequestContext
 
 
 class TenantOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -14,7 +14,6 @@ from typing import Any
 from limits.errors import ConfigurationError
 
 from app.config import Config, ConfigError, ModelConfig, model_deployments
-from app.context import RequestContext, credential_of
 from app.errors import ModelNotFound
 from app.ledger.audit import AuditEntry, AuditWriter
 from app.ledger.exchange import Exchange
@@ -41,6 +40,7 @@ from backends.registry import backend_factories
 from policies.api_key import ApiKeyPolicy
 from policies.base import Policy
 from policies.budget import BudgetPolicy
+from policies.context import RequestContext, credential_of
 from policies.ip_allowlist import IpAllowlistPolicy
 from policies.model_access import ModelAccessPolicy
 from policies.plugins import load_plugin_policies
@@ -161,7 +161,7 @@ class Gateway:
     """Built on reload from a running gateway, whose database, key cache and limiter it shares
     (already started)."""
     in_flight: int = 0
-    """HTTP requests being served by this gateway (counted by `app.reload.PinGateway`)."""
+    """HTTP requests being served by this gateway (counted by `app.core.reload.PinGateway`)."""
     monitor: HealthMonitor = field(init=False)
     router_state: RouterState | None = field(init=False, default=None)
     """Cooldowns and health shared with other replicas (Redis), if configured."""

@@ -13,11 +13,11 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Generic, TypeVar
 
-from app.context import RequestContext
+from app.core.gateway import Gateway, ServedModel
 from app.errors import GatewayError, ServiceUnavailable, UpstreamStatusError, UpstreamTimeout
-from app.gateway import Gateway, ServedModel
 from app.ledger.exchange import Exchange
 from app.routing.pool import Deployment, is_retryable
+from policies.context import RequestContext
 
 T = TypeVar("T")
 X = TypeVar("X")

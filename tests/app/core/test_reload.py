@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from app.config import ConfigError, load_config, parse_config
-from app.gateway import Gateway
-from app.reload import Reloader, changed_settings, settle
+from app.core.gateway import Gateway
+from app.core.reload import Reloader, changed_settings, settle
 from app.server import create_app
 from backends.base import BackendSpec
 from backends.mock import MockBackend

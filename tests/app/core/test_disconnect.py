@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.disconnect import unless_disconnected
+from app.core.disconnect import unless_disconnected
 from app.errors import ClientClosedRequest
 from tests.serving import serve
 

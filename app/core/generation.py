@@ -13,10 +13,12 @@ from typing import TypeVar
 
 import msgspec
 
-from app.disconnect import unless_disconnected
-from app.dispatch import Dispatcher, PerModel
-from app.gateway import Call, Gateway, ServedModel
-from app.params import prepare_chat
+from app.core.disconnect import unless_disconnected
+from app.core.dispatch import Dispatcher, PerModel
+from app.core.gateway import Call, Gateway, ServedModel
+from app.core.params import prepare_chat
+from app.core.reasoning import split_answer, split_stream
+from app.core.usage import observed
 from app.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -26,8 +28,6 @@ from app.protocol import (
     StreamItem,
     StreamOptions,
 )
-from app.reasoning import split_answer, split_stream
-from app.usage import observed
 from backends.base import Backend
 
 R = TypeVar("R", ChatCompletionRequest, CompletionRequest)

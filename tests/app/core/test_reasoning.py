@@ -9,8 +9,8 @@ import httpx
 import pytest
 import respx
 
-from app.gateway import Gateway
-from app.reasoning import ThinkSplitter
+from app.core.gateway import Gateway
+from app.core.reasoning import ThinkSplitter
 from app.server import create_app
 from tests.conftest import AUTH, AppClient, make_config
 

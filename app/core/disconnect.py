@@ -6,8 +6,8 @@ import asyncio
 from collections.abc import Awaitable
 from typing import TypeVar
 
+from app.core.gateway import Disconnect
 from app.errors import ClientClosedRequest
-from app.gateway import Disconnect
 
 T = TypeVar("T")
 

@@ -23,7 +23,7 @@ import msgspec
 
 from app import logs
 from app.config import Config, ConfigError, load_config
-from app.gateway import Gateway
+from app.core.gateway import Gateway
 from app.ledger.exchange import Exchange
 from backends.base import Backend, BackendFactory
 from policies.base import Policy
