@@ -169,7 +169,7 @@ def run_server(
     edits to `config_path` (and SIGHUP) are applied live."""
     import uvicorn
 
-    from app.server import create_app
+    from app.api.app import create_app
 
     server_config = uvicorn.Config(
         create_app(gateway, on_ready=on_ready, config_path=config_path),
@@ -180,7 +180,7 @@ def run_server(
         log_config=None,
         timeout_graceful_shutdown=30,
         ssl_context_factory=ssl_context_factory(config.model_server),
-        proxy_headers=False,  # model_server.trusted_proxies decides, in app.edge
+        proxy_headers=False,  # model_server.trusted_proxies decides, in app.api.middleware.edge
     )
     server = uvicorn.Server(server_config)
     server.run(sockets=[sock])

@@ -1,4 +1,4 @@
-"""The gateway's exception tree; `app.wire_errors` is the one place it becomes wire JSON.
+"""The gateway's exception tree; `app.api.errors` is the one place it becomes wire JSON.
 
 GatewayError (500 internal_error)
 ├── InvalidRequest (400 invalid_request_error)

@@ -32,10 +32,10 @@ _LOOP_RUNNER = re.compile(r"^(Runner\.run|BaseEventLoop\.run_\w+) \(asyncio/")
 
 # Frames whose inclusive share is worth knowing for the gateway.
 KEY_FRAMES: tuple[tuple[str, str], ...] = (
-    ("Edge.__call__", "app/edge.py"),
+    ("Edge.__call__", "app/api/middleware/edge.py"),
     ("Litestar.__call__", "litestar/app.py"),
-    ("chat_completions", "app/chat.py"),
-    ("decode_body", "app/bodies.py"),
+    ("chat_completions", "app/api/openai/chat.py"),
+    ("decode_body", "app/api/bodies.py"),
     ("admit", "app/core/gateway.py"),
     ("prepare_chat", "app/core/params.py"),
     ("unless_disconnected", "app/core/disconnect.py"),
@@ -43,9 +43,9 @@ KEY_FRAMES: tuple[tuple[str, str], ...] = (
     ("OpenAIHTTPBackend._post", "backends/openai_http/backend.py"),
     ("AsyncClient.send", "httpx/_client.py"),
     ("AsyncConnectionPool._assign_requests_to_connections", "httpcore/"),
-    ("json_response", "app/responses.py"),
+    ("json_response", "app/api/replies.py"),
     ("Handler.handle", "logging/"),
-    ("Accounting.__call__", "app/accounting.py"),
+    ("Accounting.__call__", "app/api/middleware/accounting.py"),
     ("ApiKeyPolicy.check", "policies/api_key.py"),
     ("ModelAccessPolicy.check", "policies/model_access.py"),
     ("BudgetPolicy.check", "policies/budget.py"),

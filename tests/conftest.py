@@ -18,10 +18,10 @@ import pytest
 from litestar.types import ASGIApp, Receive, Scope, Send
 from sqlalchemy.engine import make_url
 
+from app.api.app import create_app
 from app.config import Config, parse_config
 from app.core.gateway import Gateway
 from app.ledger.storage.database import Database
-from app.server import create_app
 from tests.services import POSTGRES_URL, require_postgres
 
 MASTER_KEY = "sk-test-master"

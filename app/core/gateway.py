@@ -112,7 +112,7 @@ Disconnect = Callable[[], Awaitable[None]]
 
 @dataclass(frozen=True, slots=True)
 class Arrival:
-    """A request as the core sees it, built by the web layer (`app.scope.arrival_of`): the core
+    """A request as the core sees it, built by the web layer (`app.api.scope.arrival_of`): the core
     never reads the ASGI scope itself."""
 
     request_id: str
@@ -166,7 +166,7 @@ class Gateway:
     router_state: RouterState | None = field(init=False, default=None)
     """Cooldowns and health shared with other replicas (Redis), if configured."""
     metrics: Metrics | None = field(init=False, default=None)
-    """Prometheus metrics; set by `app.server.create_app` when `metrics.enabled`."""
+    """Prometheus metrics; set by `app.api.app.create_app` when `metrics.enabled`."""
 
     def __post_init__(self) -> None:
         for served in self.models:

@@ -2,7 +2,7 @@
 
 `routed_stream` and `routed_answer` are the one path every generation takes (routing,
 failover, fallbacks, usage accounting, `think_tags`); the web layer serves their output as
-OpenAI's own wire format (`app.responses.generate`), and the other APIs (FIM, Responses,
+OpenAI's own wire format (`app.api.replies.generate`), and the other APIs (FIM, Responses,
 Messages) convert it first (`chat_chunks`, `chat_answer`).
 """
 

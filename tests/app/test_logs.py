@@ -20,6 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
+from app.api.app import create_app
 from app.config import Config, ConfigError, parse_config
 from app.core.gateway import Gateway
 from app.ledger.exchange import Exchange
@@ -32,7 +33,6 @@ from app.logs import (
     log_access,
     setup_logging,
 )
-from app.server import create_app
 from policies.context import RequestContext
 from tests.conftest import AUTH, MASTER_KEY, AppClient
 from tests.services import REDIS_URL, require_redis

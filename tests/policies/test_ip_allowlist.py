@@ -11,10 +11,10 @@ from typing import Any
 import msgspec
 import pytest
 
+from app.api.app import create_app
 from app.config import Config, DatabaseSettings, IpAllowlist, PolicySettings
 from app.core.gateway import Gateway
 from app.errors import IpNotAllowed, PermissionDenied
-from app.server import create_app
 from policies.context import RequestContext
 from policies.ip_allowlist import AddressSet, IpAllowlistPolicy, parse_address
 from tests.conftest import AUTH, AppClient, Peer, make_config

@@ -15,9 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
+from app.api.app import create_app
 from app.config import ConfigError, parse_config
 from app.core.gateway import Gateway
-from app.server import create_app
 from backends.registry import PluginBackendFactory, backend_factories
 from policies.plugins import available_plugins, load_plugin_policies
 from tests.conftest import AUTH, MASTER_KEY, AppClient

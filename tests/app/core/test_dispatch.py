@@ -8,8 +8,8 @@ from typing import Any
 
 import msgspec
 
+from app.api.app import create_app
 from app.core.gateway import Gateway
-from app.server import create_app
 from tests.conftest import AUTH, AppClient, make_config
 
 

@@ -9,9 +9,9 @@ import httpx
 import pytest
 import respx
 
+from app.api.app import create_app
 from app.core.gateway import Gateway
 from app.core.reasoning import ThinkSplitter
-from app.server import create_app
 from tests.conftest import AUTH, AppClient, make_config
 
 REPLY = "<think>Two and two.\nIs four.</think>\n\nThe answer is 4."

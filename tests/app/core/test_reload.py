@@ -16,10 +16,10 @@ from typing import Any
 import httpx
 import pytest
 
+from app.api.app import create_app
 from app.config import ConfigError, load_config, parse_config
 from app.core.gateway import Gateway
 from app.core.reload import Reloader, changed_settings, settle
-from app.server import create_app
 from backends.base import BackendSpec
 from backends.mock import MockBackend
 from tests.conftest import AUTH, MASTER_KEY, AppClient

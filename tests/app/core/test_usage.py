@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 import msgspec
 import pytest
 
+from app.api.sse import encode_stream
 from app.core.usage import observed
 from app.ledger.exchange import Exchange
 from app.protocol import ChatCompletionChunk, ChunkChoice, ChunkDelta
-from app.sse import encode_stream
 
 
 async def failing() -> AsyncIterator[dict[str, int]]:

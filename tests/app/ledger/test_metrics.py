@@ -20,11 +20,11 @@ import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.api.app import create_app
 from app.config import load_config, parse_config
 from app.core.gateway import Gateway
 from app.ledger.audit import AuditEntry
 from app.ledger.metrics import MULTIPROCESS_ENV
-from app.server import create_app
 from tests.conftest import (
     AUTH,
     AppClient,

@@ -10,10 +10,10 @@ from typing import Any
 import msgspec
 import pytest
 
+from app.api.app import create_app
 from app.config import MemorySettings, ModelConfig
 from app.core.gateway import Gateway
 from app.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
-from app.server import create_app
 from backends.base import BackendSpec
 from backends.llamacpp.backend import LlamaCppBackend
 from backends.llamacpp.engine import Engine, ServerBusy, common_prefix

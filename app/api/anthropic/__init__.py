@@ -1,0 +1,1 @@
+"""Anthropic's Messages API: wire schema, bridge onto chat completions, routes."""

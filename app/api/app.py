@@ -1,0 +1,133 @@
+"""The ASGI application: Litestar routes behind the `Edge` wrapper."""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.types import Scope
+
+from app.api import health
+from app.api.admin import routes as admin
+from app.api.admin import ui as admin_ui
+from app.api.anthropic import routes as messages_api
+from app.api.errors import error_response
+from app.api.middleware.accounting import Accounting
+from app.api.middleware.edge import Edge
+from app.api.middleware.pin import PinGateway, gateway_of
+from app.api.openai import chat, completions, embeddings, fim, models, rerank
+from app.api.responses import routes as responses_api
+from app.core.gateway import Gateway
+from app.core.reload import Reloader
+from app.ledger import metrics
+
+
+def _gateway(state: State, scope: Scope) -> Gateway:
+    """The gateway this request is pinned to (`app.api.middleware.pin`), else the current one."""
+    reloader: Reloader = state.reloader
+    return gateway_of(scope) or reloader.current
+
+
+def build_litestar(
+    gateway: Gateway,
+    on_ready: Callable[[], None] | None = None,
+    reloader: Reloader | None = None,
+) -> Litestar:
+    """The Litestar app serving `gateway` (through `reloader`, which may replace it); starting
+    it loads the models, then calls `on_ready`."""
+    reloader = reloader or Reloader(gateway)
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        try:
+            await reloader.start()
+            if gateway.metrics is not None:
+                gateway.metrics.start()
+            # Start-up objects (models, config, routes) live forever; keeping them out of the
+            # collector's generations shortens GC pauses on the request path.
+            gc.freeze()
+            if on_ready is not None:
+                on_ready()
+            yield
+        finally:
+            if gateway.metrics is not None:
+                await gateway.metrics.aclose()
+            await reloader.aclose()
+
+    return Litestar(
+        route_handlers=[
+            chat.chat_completions,
+            messages_api.create_message,
+            messages_api.count_message_tokens,
+            responses_api.create_response,
+            completions.completions,
+            embeddings.embeddings,
+            rerank.rerank,
+            fim.fim_completions,
+            models.list_models,
+            models.retrieve_model,
+            health.health,
+            health.ready,
+            admin.metrics_endpoint,
+            admin.create_key,
+            admin.list_keys,
+            admin.get_key,
+            admin.update_key,
+            admin.revoke_key,
+            admin.rotate_key,
+            admin.usage,
+            admin.usage_by_bucket,
+            admin.list_errors,
+            admin.backends,
+            admin.issue_token,
+            admin.reload_config,
+            *admin_ui.routes(),
+        ],
+        dependencies={"gateway": Provide(_gateway, sync_to_thread=False)},
+        exception_handlers={Exception: error_response},
+        lifespan=[lifespan],
+        state=State({"gateway": gateway, "reloader": reloader}),
+        request_max_body_size=gateway.config.model_server.max_body_bytes,
+        openapi_config=None,
+        logging_config=None,
+        debug=False,
+    )
+
+
+def create_app(
+    gateway: Gateway,
+    on_ready: Callable[[], None] | None = None,
+    *,
+    config_path: str | os.PathLike[str] | None = None,
+) -> Edge:
+    """The full ASGI app for `gateway`: edge, accounting, the request's gateway, the routes.
+
+    With `config_path`, edits to that file (and SIGHUP) are applied live: `app.core.reload`.
+    """
+    reloader = Reloader(gateway, config_path)
+    routes = build_litestar(gateway, on_ready, reloader)
+    config = gateway.config
+    accounting = Accounting(
+        PinGateway(routes, reloader), reloader.finish, keep_bodies=config.audit.bodies
+    )
+    if config.metrics.enabled:
+        gateway.metrics = metrics.Metrics(gateway, in_flight=lambda: accounting.in_flight)
+
+    def swapped(old: Gateway, new: Gateway) -> None:
+        routes.state.gateway = new
+        accounting.keep_bodies = new.config.audit.bodies
+        new.metrics = old.metrics
+        if new.metrics is not None:
+            new.metrics.bind(new)
+
+    reloader.on_swap.append(swapped)
+    return Edge(
+        accounting,
+        trusted_proxies=config.model_server.trusted_proxies,
+        admin_allowlist=config.policies.ip_allowlist.admin,
+    )

@@ -1,0 +1,1 @@
+"""OpenAI's own routes: chat, completions, embeddings, rerank, FIM, models."""

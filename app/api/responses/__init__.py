@@ -1,0 +1,1 @@
+"""OpenAI's Responses API: wire schema, bridge onto chat completions, routes."""
