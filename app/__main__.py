@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from app.cli import main
+from app.ops.cli import main
 
 raise SystemExit(main())

@@ -23,7 +23,7 @@ class ServerDidNotStart(RuntimeError):
 
 _READY = re.compile(r"serving on (?P<url>https?://\S+/v1)")
 _BANNER_END = re.compile(r"^  \S+ -c 'import os; from openai import OpenAI")
-"""The banner's last line (app/cli.py): the server is ready once the whole banner is logged,
+"""The banner's last line (app/ops/cli.py): the server is ready once the whole banner is logged,
 so a test reading the log at once sees all of it (under load it once saw only its first lines)."""
 
 

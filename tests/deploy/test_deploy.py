@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from app.cli import _parser, main
 from app.config import load_config
+from app.ops.cli import _parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -11,10 +11,10 @@ import pytest
 from sqlalchemy import inspect
 
 from app.api.app import create_app
-from app.cli import main
 from app.config import ConfigError, parse_config
 from app.core.gateway import Gateway
 from app.ledger.storage.database import Database, head_revision
+from app.ops.cli import main
 from tests.conftest import AppClient
 
 TABLES = {"api_keys", "audit_log"}

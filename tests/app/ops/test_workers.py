@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from app.config import ConfigError, parse_config
-from app.workers import check_workers
+from app.ops.workers import check_workers
 from tests.services import REDIS_URL, require_redis
 from tests.serving import serve
 

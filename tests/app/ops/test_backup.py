@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from app.backup import MANIFEST, Manifest
-from app.cli import main
 from app.config import Config, load_config
 from app.ledger.audit import AuditEntry, AuditWriter
 from app.ledger.keys import KeyStore
 from app.ledger.storage.database import Database
+from app.ops.backup import MANIFEST, Manifest
+from app.ops.cli import main
 from backends.llamacpp.backend import embedded_model_path
 
 MASTER = "sk-backup-master"

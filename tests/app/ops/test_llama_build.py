@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from app.llama_build import _judge, check_llama_build
+from app.ops.llama_build import _judge, check_llama_build
 
 AVX2_CPU = frozenset({"SSE3", "SSSE3", "AVX", "AVX2", "F16C", "FMA", "BMI2"})
 AMX_CPU = AVX2_CPU | {"AVX512", "AVX512_VNNI", "AVX512_BF16", "AMX_INT8"}

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from app.cli import banner, bind_socket, main
 from app.config import ConfigError, parse_config
+from app.ops.cli import banner, bind_socket, main
 from tests.serving import serve
 
 

@@ -25,8 +25,6 @@ from collections.abc import Callable, Sequence
 from sqlalchemy.exc import SQLAlchemyError
 
 from app import __version__, logs
-from app.cli_admin import add_commands as add_admin_commands
-from app.cli_ops import add_commands as add_ops_commands
 from app.config import (
     LOOPBACK_HOSTS,
     Config,
@@ -36,8 +34,10 @@ from app.config import (
     model_deployments,
 )
 from app.core.gateway import Gateway
-from app.tls import ssl_context_factory
-from app.workers import check_workers, supervise
+from app.ops.cli_keys import add_commands as add_admin_commands
+from app.ops.cli_ops import add_commands as add_ops_commands
+from app.ops.tls import ssl_context_factory
+from app.ops.workers import check_workers, supervise
 
 log = logging.getLogger("clawbot")
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from app.cli import main
-from app.diagnose import Check
+from app.ops.cli import main
+from app.ops.diagnose import Check
 from tests.fake_upstream import Upstream, free_port
 
 MODELS = b'{"object": "list", "data": [{"id": "served", "object": "model", "owned_by": "x"}]}'

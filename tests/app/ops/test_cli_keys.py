@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from app.cli import main
 from app.ledger.audit import AuditEntry, AuditWriter
 from app.ledger.keys import hash_key
 from app.ledger.storage.database import Database
+from app.ops.cli import main
 
 
 @pytest.fixture

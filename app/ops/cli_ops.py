@@ -22,12 +22,12 @@ from typing import Any
 import msgspec
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.backup import BackupError, Manifest, create_backup, restore_backup
 from app.config import Config, ConfigError, load_config, model_deployments
 from app.core.gateway import Gateway
-from app.diagnose import Check, run_checks
-from app.llama_build import check_llama_build
-from app.tls import ssl_context_factory
+from app.ops.backup import BackupError, Manifest, create_backup, restore_backup
+from app.ops.diagnose import Check, run_checks
+from app.ops.llama_build import check_llama_build
+from app.ops.tls import ssl_context_factory
 from backends.base import backend_scheme
 
 

@@ -13,7 +13,7 @@ import platform
 import signal
 import sys
 
-from app.diagnose import Check
+from app.ops.diagnose import Check
 from backends.llamacpp.runtime import AMX, CPU_FLAGS, cpu_features
 
 REBUILD = (

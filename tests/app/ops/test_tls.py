@@ -16,9 +16,9 @@ import httpx
 import openai
 import pytest
 
-from app.cli import main
 from app.config import ConfigError, ModelServer
-from app.tls import server_ssl_context, ssl_context_factory
+from app.ops.cli import main
+from app.ops.tls import server_ssl_context, ssl_context_factory
 from tests.conftest import MASTER_KEY
 from tests.serving import Server, serve
 

@@ -1,0 +1,2 @@
+"""Operations: the command line (serve, keys, check, backup, restore), diagnostics, workers
+and TLS."""
