@@ -24,14 +24,11 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 import msgspec
 
 from app.config import Config, ConfigError, model_deployments
-
-if TYPE_CHECKING:
-    from app.ledger.exchange import Exchange
 
 ACCESS_LOGGER = "clawbot.access"
 REDACTED = "[redacted]"
@@ -402,32 +399,19 @@ def setup_logging(config: Config) -> LineHandler:
     return handler
 
 
-def log_access(exchange: Exchange) -> None:
-    """Write the access line of a finished request (logger `clawbot.access`, level INFO)."""
+def access_log_enabled() -> bool:
+    """Whether an access line would be written (so callers skip building it when not)."""
+    return _access.isEnabledFor(logging.INFO)
+
+
+def write_access(message: str, request_id: str, fields: dict[str, Any]) -> None:
+    """Write one access line (logger `clawbot.access`, level INFO): straight to clawbot's
+    handler when it is the only one the record would reach, else as a record."""
     if not _access.isEnabledFor(logging.INFO):
         return
-    ctx = exchange.ctx
-    latency = round(exchange.latency_ms, 2)
-    ttft = exchange.ttft_ms
-    fields = {
-        "method": exchange.method,
-        "path": exchange.route,
-        "status": exchange.status,
-        "latency_ms": latency,
-        "ttft_ms": None if ttft is None else round(ttft, 2),
-        "model": ctx.model if ctx else None,
-        "backend": exchange.backend,
-        "key_id": ctx.key_id if ctx else None,
-        "client_ip": exchange.client_ip,
-        "stream": exchange.stream,
-        "prompt_tokens": exchange.prompt_tokens,
-        "completion_tokens": exchange.completion_tokens,
-        "error": exchange.error_type,
-    }
-    message = f"{exchange.method} {exchange.route} {exchange.status} {latency}ms"
     direct = _sole_handler()
     if direct is not None:
-        direct.write_access(message, exchange.request_id, fields)
+        direct.write_access(message, request_id, fields)
         return
     record = _access.makeRecord(
         ACCESS_LOGGER,
@@ -437,7 +421,7 @@ def log_access(exchange: Exchange) -> None:
         message,
         (),
         None,
-        extra={"request_id": exchange.request_id, "fields": fields},
+        extra={"request_id": request_id, "fields": fields},
     )
     _access.handle(record)
 

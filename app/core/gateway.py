@@ -16,12 +16,11 @@ from limits.errors import ConfigurationError
 from app.config import Config, ConfigError, ModelConfig, model_deployments
 from app.errors import ModelNotFound
 from app.ledger.audit import AuditEntry, AuditWriter
-from app.ledger.exchange import Exchange
+from app.ledger.exchange import Exchange, log_access
 from app.ledger.keys import KeyCache, KeyStore, TokenSigner, token_secret
 from app.ledger.metrics import Metrics
 from app.ledger.ratelimit import Admission, Limits, RateLimiter
 from app.ledger.storage.database import Database
-from app.logs import log_access
 from app.routing.build import build_pool
 from app.routing.health import HealthMonitor
 from app.routing.pool import Pool

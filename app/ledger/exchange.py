@@ -11,12 +11,23 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from policies.context import RequestContext
+from app.logs import access_log_enabled, write_access
 
 log = logging.getLogger("clawbot.gateway")
+
+
+class Caller(Protocol):
+    """Who a request turned out to be, as the record keeps it (the policies' `RequestContext`
+    is one)."""
+
+    @property
+    def key_id(self) -> str | None: ...
+
+    @property
+    def model(self) -> str | None: ...
+
 
 AUDITED_PREFIXES = ("/v1/", "/admin/")
 """Routes that get an audit row; probes (/health, /ready) would only drown it."""
@@ -33,7 +44,7 @@ class Exchange:
     request_id: str = ""
     method: str = ""
     client_ip: str | None = None
-    ctx: RequestContext | None = None
+    ctx: Caller | None = None
     backend: str | None = None
     stream: bool = False
     prompt_tokens: int | None = None
@@ -92,3 +103,29 @@ class Exchange:
                 await callback(self)
             except Exception:
                 log.exception("finishing request %s failed", self.request_id)
+
+
+def log_access(exchange: Exchange) -> None:
+    """Write the access line of a finished request (`app.logs.write_access`)."""
+    if not access_log_enabled():
+        return
+    ctx = exchange.ctx
+    latency = round(exchange.latency_ms, 2)
+    ttft = exchange.ttft_ms
+    fields = {
+        "method": exchange.method,
+        "path": exchange.route,
+        "status": exchange.status,
+        "latency_ms": latency,
+        "ttft_ms": None if ttft is None else round(ttft, 2),
+        "model": ctx.model if ctx else None,
+        "backend": exchange.backend,
+        "key_id": ctx.key_id if ctx else None,
+        "client_ip": exchange.client_ip,
+        "stream": exchange.stream,
+        "prompt_tokens": exchange.prompt_tokens,
+        "completion_tokens": exchange.completion_tokens,
+        "error": exchange.error_type,
+    }
+    message = f"{exchange.method} {exchange.route} {exchange.status} {latency}ms"
+    write_access(message, exchange.request_id, fields)

@@ -23,14 +23,13 @@ from sqlalchemy import select
 from app.api.app import create_app
 from app.config import Config, ConfigError, parse_config
 from app.core.gateway import Gateway
-from app.ledger.exchange import Exchange
+from app.ledger.exchange import Exchange, log_access
 from app.ledger.storage.schema import AuditRecord
 from app.logs import (
     ACCESS_LOGGER,
     REDACTED,
     REQUEST_ID,
     SharedRotatingFileHandler,
-    log_access,
     setup_logging,
 )
 from policies.context import RequestContext
