@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from app.ledger.keys import KeyRecord
+    from app.ledger.ratelimit import Admission
 
 
 @dataclass(slots=True)
@@ -25,13 +26,22 @@ class RequestContext:
     """Id of the authenticated key (never the key itself); "master" for the master key."""
     key: KeyRecord | None = None
     """The authenticated key's record (None for the master key or with auth off)."""
-    token_estimate: int = 0
-    """Tokens this request is expected to use, for token limits (0 until estimated)."""
+    token_estimate: int | None = None
+    """Tokens this request is expected to use, once estimated (`tokens()`); None: unknown."""
     estimate_tokens: Callable[[], int] | None = None
-    """Computes `token_estimate` on demand: tokenizing costs, so only limits that need it ask."""
+    """How `tokens()` estimates them: tokenizing costs, so only what needs the figure asks."""
     headers: Mapping[str, str] = field(default_factory=dict)
     """The request's headers (lower-case names), for policies that read one (plugins)."""
+    admission: Admission | None = None
+    """What the rate-limit policy admitted: its headers go out, its slots are released after."""
     extra: dict[str, Any] = field(default_factory=dict)
+    """For plugins' own findings."""
+
+    def tokens(self) -> int | None:
+        """The request's token estimate, made on first use; None when it cannot be known."""
+        if self.token_estimate is None and self.estimate_tokens is not None:
+            self.token_estimate = self.estimate_tokens()
+        return self.token_estimate
 
 
 def credential_of(headers: dict[str, str] | Any) -> str | None:

@@ -22,8 +22,8 @@ class RateLimitPolicy:
         self._limits_for = limits_for
 
     async def check(self, ctx: RequestContext) -> None:
-        """Admit, leaving the `Admission` in `ctx.extra["rate_limit"]` for headers and release."""
+        """Admit, leaving the `Admission` in `ctx.admission` for headers and release."""
         subjects = self._limits_for(ctx)
         if not subjects:
             return
-        ctx.extra["rate_limit"] = await self._limiter.admit_all(subjects, ctx.token_estimate)
+        ctx.admission = await self._limiter.admit_all(subjects, ctx.token_estimate or 0)

@@ -98,21 +98,13 @@ class Dispatcher:
         self._exchange = exchange
         self._ctx = ctx
 
-    def _estimate(self) -> int | None:
-        if self._ctx.token_estimate:
-            return self._ctx.token_estimate
-        if self._ctx.estimate_tokens is None:
-            return None
-        self._ctx.token_estimate = self._ctx.estimate_tokens()
-        return self._ctx.token_estimate
-
     def first(self, served: ServedModel) -> ServedModel:
         """`served`, or its first context-window fallback that fits when the prompt won't."""
         fallbacks = served.config.context_window_fallbacks
         if not fallbacks:
             return served
         length = served.context_length
-        estimate = self._estimate() if length else None
+        estimate = self._ctx.tokens() if length else None
         if length is None or estimate is None or estimate <= length:
             return served
         for name in fallbacks:

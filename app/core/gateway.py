@@ -347,8 +347,8 @@ class Gateway:
             limits.tokens_per_minute is not None or limits.tokens_per_period is not None
             for _, limits in subjects
         )
-        if needs_tokens and ctx.estimate_tokens is not None:
-            ctx.token_estimate = ctx.estimate_tokens()
+        if needs_tokens:
+            ctx.tokens()
         return subjects
 
     async def admit_model(
@@ -381,10 +381,9 @@ class Gateway:
         exchange.ctx = ctx
         for policy in self.policies:
             await policy.check(ctx)
-        admission = ctx.extra.get("rate_limit")
-        if isinstance(admission, Admission):
-            exchange.response_headers.update(admission.headers())
-            exchange.on_finish.append(_releaser(admission))
+        if ctx.admission is not None:
+            exchange.response_headers.update(ctx.admission.headers())
+            exchange.on_finish.append(_releaser(ctx.admission))
         if model is not None and served is None:
             self.resolve(model)
         return Call(ctx=ctx, served=served, exchange=exchange, disconnected=arrival.disconnected)

@@ -37,7 +37,8 @@ async def test_admits_and_leaves_the_admission(make_limiter: LimiterFactory) -> 
     assert policy.name == "rate_limit"
     ctx = request(tokens=30)
     await policy.check(ctx)
-    admission = ctx.extra["rate_limit"]
+    admission = ctx.admission
+    assert admission is not None
     assert isinstance(admission, Admission)
     assert admission.headers()["x-ratelimit-remaining-requests"] == "1"
     assert admission.headers()["x-ratelimit-remaining-tokens"] == "70"
@@ -50,7 +51,7 @@ async def test_refuses_past_the_key_limit(make_limiter: LimiterFactory) -> None:
     refused = request()
     with pytest.raises(RateLimited, match="requests per minute"):
         await policy.check(refused)
-    assert "rate_limit" not in refused.extra
+    assert refused.admission is None
     await policy.check(request(key_id="k2"))
 
 
@@ -60,7 +61,8 @@ async def test_model_wide_parallel_limit_across_keys(make_limiter: LimiterFactor
     await policy.check(first)
     with pytest.raises(RateLimited, match="parallel requests"):
         await policy.check(request(key_id="k2", model="m"))
-    await first.extra["rate_limit"].release(5)
+    assert first.admission is not None
+    await first.admission.release(5)
     await policy.check(request(key_id="k2", model="m"))
 
 
@@ -68,4 +70,4 @@ async def test_no_limits_means_no_admission(make_limiter: LimiterFactory) -> Non
     policy = RateLimitPolicy(make_limiter(), lambda ctx: [])
     ctx = request()
     await policy.check(ctx)
-    assert ctx.extra == {}
+    assert ctx.admission is None
