@@ -15,6 +15,7 @@ GatewayError (500 internal_error)
 ├── UpstreamError (502 upstream_error)
 │   └── UpstreamStatusError (the upstream's own 4xx/5xx, relayed)
 ├── ServiceUnavailable (503 service_unavailable, retry-after)
+│   ├── ServerBusy (503 server_busy: no slot, or no memory, in time)
 │   └── UpstreamUnavailable (503 upstream_unavailable: connect failure)
 └── UpstreamTimeout (504 upstream_timeout)
 """
@@ -197,6 +198,13 @@ class ServiceUnavailable(GatewayError):
     status = 503
     type = "api_error"
     default_code = "service_unavailable"
+
+
+class ServerBusy(ServiceUnavailable):
+    """Every slot is taken and the queue is full, or the wait for a slot (or for memory to
+    load a model) ran out."""
+
+    default_code = "server_busy"
 
 
 class UpstreamUnavailable(ServiceUnavailable):

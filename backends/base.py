@@ -6,7 +6,7 @@ protocol imports no backend.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -22,6 +22,7 @@ from app.protocol import (
     RerankResponse,
     StreamItem,
 )
+from backends.memory import MemoryBudget
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +58,30 @@ class BackendSpec:
     """The spec after `scheme:` (a path for llamacpp), or the whole URL for http(s)."""
     timeout_s: float
     """Default total time for one call."""
+    memory: MemoryBudget | None = None
+    """The process's budget for in-process weights, which such backends register with."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackendState:
+    """What a backend knows of itself beyond its capabilities (an in-process model does)."""
+
+    context_length: int | None = None
+    """The context window it serves, once known (an in-process model's once loaded)."""
+    trained_context: int | None = None
+    """The context the model was trained for, when the backend can read it (a GGUF header)."""
+    loaded: bool | None = None
+    """Whether its weights are in memory; None where that means nothing (a remote server)."""
+    engine: Mapping[str, float] | None = None
+    """Its scheduler's counters (`slots`, `active`, `queued`, `steps`, ...), if it has one."""
+
+
+@runtime_checkable
+class SelfDescribing(Protocol):
+    """A backend that says what it knows of itself (optional: remote backends do not)."""
+
+    def state(self) -> BackendState:
+        """Its state now; cheap, called per request and per scrape."""
 
 
 @runtime_checkable

@@ -8,6 +8,7 @@ from importlib.metadata import EntryPoint, entry_points
 from app.config import ConfigError, ModelConfig
 from backends.base import Backend, BackendFactory, BackendSpec
 from backends.llamacpp.backend import LlamaCppBackend
+from backends.memory import MemoryBudget
 from backends.mock import MockBackend
 from backends.openai_http.backend import OpenAIHTTPBackend
 
@@ -91,10 +92,12 @@ def build_backend(
     index: int = 0,
     factories: dict[str, BackendFactory] | None = None,
     where: str | None = None,
+    memory: MemoryBudget | None = None,
 ) -> Backend:
     """Build the backend for `model` from its spec; a bad spec is a ConfigError.
 
-    `where` names the config entry in errors (default `models[index]`).
+    `where` names the config entry in errors (default `models[index]`); in-process backends
+    register with `memory`, the process's budget.
     """
     factories = backend_factories() if factories is None else factories
     where = f"models[{index}]" if where is None else where
@@ -107,6 +110,6 @@ def build_backend(
         )
     target = model.backend if scheme in ("http", "https") else rest
     try:
-        return factories[scheme](BackendSpec(model, scheme, target, timeout_s))
+        return factories[scheme](BackendSpec(model, scheme, target, timeout_s, memory))
     except ConfigError as exc:
         raise ConfigError(f"{where} ({model.id}): {exc}") from exc

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -30,12 +29,11 @@ from backends.base import (
     BackendFactory,
     BackendSpec,
     Capabilities,
+    SelfDescribing,
     backend_scheme,
     common_capabilities,
 )
-from backends.llamacpp.backend import LlamaCppBackend
-from backends.llamacpp.memory import MemoryBudget
-from backends.registry import backend_factories
+from backends.memory import MemoryBudget
 from policies.api_key import ApiKeyPolicy
 from policies.base import Policy
 from policies.budget import BudgetPolicy
@@ -81,16 +79,15 @@ class ServedModel:
         if self.config.context_length:
             return self.config.context_length
         for backend in self.backends:
-            length = getattr(backend, "context_length", None)
-            if isinstance(length, int) and length > 0:
+            if isinstance(backend, SelfDescribing) and (length := backend.state().context_length):
                 return length
         return None
 
     @property
     def loaded(self) -> bool | None:
         """Whether an in-process deployment has its weights in memory; None for remote pools."""
-        states = [getattr(b, "loaded", None) for b in self.backends]
-        known = [s for s in states if isinstance(s, bool)]
+        states = [b.state().loaded for b in self.backends if isinstance(b, SelfDescribing)]
+        known = [s for s in states if s is not None]
         return any(known) if known else None
 
 
@@ -197,7 +194,7 @@ class Gateway:
         database, key cache, limiter and (settings unchanged) audit writer carry over.
         """
         memory = previous.memory if previous else MemoryBudget(_budget_bytes(config))
-        models = _served_models(config, _with_memory(factories, memory), previous)
+        models = _served_models(config, factories, memory, previous)
         db = previous.db if previous else Database(config.database.url)
         keys = previous.keys if previous else KeyStore(db)
         gateway = cls(
@@ -427,18 +424,11 @@ def _budget_bytes(config: Config) -> int | None:
     return None if budget is None else budget * 1024 * 1024
 
 
-def _with_memory(
-    factories: dict[str, BackendFactory] | None, memory: MemoryBudget
-) -> dict[str, BackendFactory]:
-    """The factories, the built-in in-process backend bound to the process's memory budget."""
-    factories = dict(backend_factories() if factories is None else factories)
-    if factories.get("llamacpp") is LlamaCppBackend:
-        factories["llamacpp"] = functools.partial(LlamaCppBackend, memory=memory)
-    return factories
-
-
 def _served_models(
-    config: Config, factories: dict[str, BackendFactory] | None, previous: Gateway | None
+    config: Config,
+    factories: dict[str, BackendFactory] | None,
+    memory: MemoryBudget,
+    previous: Gateway | None,
 ) -> tuple[ServedModel, ...]:
     """Each configured model and its pool. On reload, a model whose backends' settings are
     unchanged keeps its (started) backends, and its whole pool, breakers included, when its
@@ -452,7 +442,9 @@ def _served_models(
     for i, model in enumerate(config.models):
         old = running.get(model.id)
         if old is None or _backend_settings(old.config) != _backend_settings(model):
-            pool = build_pool(model, index=i, default_timeout_s=timeout_s, factories=factories)
+            pool = build_pool(
+                model, index=i, default_timeout_s=timeout_s, factories=factories, memory=memory
+            )
             models.append(ServedModel(model, pool, created))
         elif old.config == model:
             models.append(old)
@@ -460,7 +452,9 @@ def _served_models(
             models.append(ServedModel(model, old.pool, old.created, ready=old.ready))
         else:
             reuse = _handing_over(old.backends, model)
-            pool = build_pool(model, index=i, default_timeout_s=timeout_s, factories=reuse)
+            pool = build_pool(
+                model, index=i, default_timeout_s=timeout_s, factories=reuse, memory=memory
+            )
             models.append(ServedModel(model, pool, old.created, ready=old.ready))
     return tuple(models)
 

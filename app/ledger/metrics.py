@@ -53,6 +53,7 @@ from prometheus_client.registry import Collector
 
 from app.config import ModelConfig
 from app.ledger.audit import AuditWriter
+from backends.base import SelfDescribing
 
 if TYPE_CHECKING:
     from prometheus_client.metrics import MetricWrapperBase
@@ -290,10 +291,10 @@ class GatewayCollector(Collector):
         )
         for served in self.gateway.models:
             for d in served.pool.deployments:
-                stats = getattr(d.backend, "engine_stats", None)
-                if not callable(stats):
+                backend = d.backend
+                s = backend.state().engine if isinstance(backend, SelfDescribing) else None
+                if s is None:
                     continue
-                s = stats()
                 ids = [served.config.id, d.name]
                 loaded.add_metric(ids, s["loaded"])
                 slots.add_metric(ids, s["slots"])

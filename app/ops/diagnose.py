@@ -27,7 +27,7 @@ from app.core.gateway import Gateway
 from app.ledger.storage.database import Database, head_revision
 from app.routing.build import deployment_options
 from app.routing.pool import Deployment
-from backends.base import backend_scheme
+from backends.base import SelfDescribing, backend_scheme
 from backends.openai_http.backend import HTTPOptions
 
 _REMOTE = frozenset({"http", "https"})
@@ -173,10 +173,11 @@ async def probe_loaded(target: str, deployment: Deployment) -> Check:
 
 def _short_context(backend: object) -> tuple[str | None, str | None]:
     """A warning when a GGUF model runs with less context than it was trained for: agent
-    clients' prompts then do not fit (Codex CLI's alone is about 6,200 tokens)."""
-    n_ctx = getattr(backend, "n_ctx", None)
-    trained = getattr(backend, "trained_context", None)
-    if not isinstance(n_ctx, int) or not isinstance(trained, int) or n_ctx >= trained:
+    clients' prompts then do not fit (Codex CLI's alone is about 6,400 tokens)."""
+    state = backend.state() if isinstance(backend, SelfDescribing) else None
+    n_ctx = state.context_length if state else None
+    trained = state.trained_context if state else None
+    if n_ctx is None or trained is None or n_ctx >= trained:
         return None, None
     return (
         f"its context is {n_ctx} tokens, below the {trained} it was trained for, so longer "

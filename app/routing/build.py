@@ -18,6 +18,7 @@ from app.routing.pool import (
     WeightedRoundRobin,
 )
 from backends.base import BackendFactory, backend_scheme
+from backends.memory import MemoryBudget
 from backends.registry import build_backend
 
 _REMOTE = frozenset({"http", "https"})
@@ -58,8 +59,10 @@ def build_pool(
     index: int,
     default_timeout_s: float,
     factories: dict[str, BackendFactory] | None = None,
+    memory: MemoryBudget | None = None,
 ) -> Pool:
-    """The pool serving `model`; a single `backend` is a pool of one called `default`."""
+    """The pool serving `model`; a single `backend` is a pool of one called `default`. Its
+    in-process backends register with `memory`."""
     routing = model.routing
     deployments = []
     for j, dep in enumerate(deployments_of(model)):
@@ -71,7 +74,9 @@ def build_pool(
             deployments=(),
             options=deployment_options(model, dep, where),
         )
-        backend = build_backend(spec_model, timeout_s=total_s, factories=factories, where=where)
+        backend = build_backend(
+            spec_model, timeout_s=total_s, factories=factories, where=where, memory=memory
+        )
         deployments.append(
             Deployment(
                 name=dep.name or deployment_label(dep.backend),

@@ -4,7 +4,7 @@ Requests become sequences of the model's continuous-batching engine (`backends.l
 up to `slots` of them decode together, the rest wait in a bounded queue. The prompt is
 rendered with the GGUF's own chat template and tokenized here, on the event loop, so a prompt
 too long for the context is refused before it queues. With a memory budget
-(`backends.llamacpp.memory`), the model loads on its first request and may be unloaded when idle.
+(`backends.memory`), the model loads on its first request and may be unloaded when idle.
 
 Options: `n_ctx` (per sequence), `n_threads`, `n_batch`, `slots`, `kv_unified`,
 `prefix_cache`, `max_queue`, `queue_timeout_s`, `seed`, `chat_template`.
@@ -43,7 +43,7 @@ from app.protocol import (
     TopLogprob,
 )
 from app.protocol import TokenLogprob as ChatTokenLogprob
-from backends.base import BackendSpec, Capabilities
+from backends.base import BackendSpec, BackendState, Capabilities
 from backends.common import (
     ChatChunks,
     CompletionEvents,
@@ -72,7 +72,6 @@ from backends.llamacpp.gguf import (
     kv_cache_bytes,
     read_metadata,
 )
-from backends.llamacpp.memory import MemoryBudget
 from backends.llamacpp.reply import OutputPlan, ReplyShaper, plan_output
 from backends.llamacpp.runtime import AMX, build_features, load_cpu_backend, loaded_variant
 from backends.llamacpp.text import TokenLogprob
@@ -299,7 +298,7 @@ class LlamaCppBackend:
         chat=True, completions=True, embeddings=True, max_n=1, tools=True, json_schema=True
     )
 
-    def __init__(self, spec: BackendSpec, *, memory: MemoryBudget | None = None) -> None:
+    def __init__(self, spec: BackendSpec) -> None:
         self.options = read_options(spec, LlamaOptions)
         if self.options.n_batch < self.options.slots:
             raise ConfigError(
@@ -329,7 +328,7 @@ class LlamaCppBackend:
             + kv_cache_bytes(info, window)
             + compute_buffer_bytes(info, window, window)
         )
-        self.memory = memory
+        self.memory = memory = spec.memory
         if memory is not None and memory.limit_bytes is not None:
             if self.footprint > memory.limit_bytes:
                 raise ConfigError(
@@ -392,6 +391,16 @@ class LlamaCppBackend:
         if loaded is not None:
             await asyncio.to_thread(loaded.close)
             log.info("unloaded %s", self.model_id)
+
+    def state(self) -> BackendState:
+        """Its window (once loaded, else as configured), its training context, whether it is
+        loaded, and the engine's counters."""
+        return BackendState(
+            context_length=self.context_length,
+            trained_context=self.trained_context,
+            loaded=self.loaded,
+            engine=self.engine_stats(),
+        )
 
     def engine_stats(self) -> dict[str, float]:
         """Loaded, slots, sequences holding one, requests queued, and the engine's counters

@@ -34,16 +34,10 @@ from typing import Any, Literal
 import msgspec
 import numpy as np
 
-from app.errors import ServiceUnavailable, UpstreamError
+from app.errors import ServerBusy, UpstreamError
 from backends.llamacpp.text import StopScanner, TokenLogprob, log_softmax_at
 
 log = logging.getLogger("clawbot.llamacpp")
-
-
-class ServerBusy(ServiceUnavailable):
-    """Every slot is taken and the queue is full, or the wait for a slot ran out."""
-
-    default_code = "server_busy"
 
 
 class Start(msgspec.Struct):

@@ -13,11 +13,12 @@ import pytest
 from app.api.app import create_app
 from app.config import MemorySettings, ModelConfig
 from app.core.gateway import Gateway
+from app.errors import ServerBusy
 from app.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from backends.base import BackendSpec
 from backends.llamacpp.backend import LlamaCppBackend
-from backends.llamacpp.engine import Engine, ServerBusy, common_prefix
-from backends.llamacpp.memory import MemoryBudget
+from backends.llamacpp.engine import Engine, common_prefix
+from backends.memory import MemoryBudget
 from tests.conftest import AUTH, AppClient, make_config, until
 
 pytestmark = pytest.mark.slow
@@ -38,7 +39,7 @@ def make_backend(
     model = ModelConfig(
         id=model_id, backend="llamacpp:embedded", context_length=512, options=options
     )
-    return LlamaCppBackend(BackendSpec(model, "llamacpp", "embedded", 60.0), memory=memory)
+    return LlamaCppBackend(BackendSpec(model, "llamacpp", "embedded", 60.0, memory))
 
 
 @pytest.fixture

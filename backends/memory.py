@@ -16,7 +16,7 @@ import logging
 import time
 from typing import Protocol
 
-from backends.llamacpp.engine import ServerBusy
+from app.errors import ServerBusy
 
 log = logging.getLogger("clawbot.memory")
 
