@@ -10,7 +10,6 @@ from contextlib import asynccontextmanager
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.di import Provide
-from litestar.types import Scope
 
 from app.api import health
 from app.api.admin import routes as admin
@@ -19,18 +18,12 @@ from app.api.anthropic import routes as messages_api
 from app.api.errors import error_response
 from app.api.middleware.accounting import Accounting
 from app.api.middleware.edge import Edge
-from app.api.middleware.pin import PinGateway, gateway_of
+from app.api.middleware.pin import PinGateway, serving_gateway
 from app.api.openai import chat, completions, embeddings, fim, models, rerank
 from app.api.responses import routes as responses_api
 from app.core.gateway import Gateway
 from app.core.reload import Reloader
 from app.ledger import metrics
-
-
-def _gateway(state: State, scope: Scope) -> Gateway:
-    """The gateway this request is pinned to (`app.api.middleware.pin`), else the current one."""
-    reloader: Reloader = state.reloader
-    return gateway_of(scope) or reloader.current
 
 
 def build_litestar(
@@ -74,21 +67,11 @@ def build_litestar(
             health.health,
             health.ready,
             admin.metrics_endpoint,
-            admin.create_key,
-            admin.list_keys,
-            admin.get_key,
-            admin.update_key,
-            admin.revoke_key,
-            admin.rotate_key,
-            admin.usage,
-            admin.usage_by_bucket,
-            admin.list_errors,
-            admin.backends,
             admin.issue_token,
-            admin.reload_config,
+            admin.router,
             *admin_ui.routes(),
         ],
-        dependencies={"gateway": Provide(_gateway, sync_to_thread=False)},
+        dependencies={"gateway": Provide(serving_gateway, sync_to_thread=False)},
         exception_handlers={Exception: error_response},
         lifespan=[lifespan],
         state=State({"gateway": gateway, "reloader": reloader}),

@@ -1,19 +1,24 @@
-"""The admin API under /admin (master key only): keys and usage; and POST /v1/auth/token."""
+"""The admin API under /admin (one router, the master key only: `master_only`): keys, usage,
+errors, backends, reload; and GET /metrics and POST /v1/auth/token beside it."""
 
 from __future__ import annotations
 
 import hmac
 import re
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import msgspec
-from litestar import Request, Response, get, patch, post
+from litestar import Request, Response, Router, get, patch, post
+from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency
+from litestar.handlers import BaseRouteHandler
 from litestar.params import FromPath
 from msgspec import UNSET, Meta, UnsetType
 
 from app.api.bodies import decode_body
+from app.api.middleware.pin import serving_gateway
 from app.api.replies import json_response
 from app.api.scope import arrival_of
 from app.config import ConfigError
@@ -104,12 +109,12 @@ def _group_by(text: str) -> list[Literal["key_id", "model"]]:
     return groups  # type: ignore[return-value]
 
 
-def require_master(request: Request[Any, Any, Any], gateway: Gateway) -> None:
+def require_master(headers: Mapping[str, str], gateway: Gateway) -> None:
     """Only the master key may use the admin API."""
     master = gateway.config.auth.api_key
     if not master:
         raise PermissionDenied("the admin API is off: set auth.api_key to use it")
-    credential = credential_of(request.headers)
+    credential = credential_of(headers)
     if credential is None:
         raise AuthenticationFailed("missing master key")
     if not hmac.compare_digest(credential.encode(), master.encode()):
@@ -129,12 +134,11 @@ async def _record(gateway: Gateway, key_id: str) -> KeyRecord:
     return record
 
 
-@post("/admin/keys", status_code=201)
+@post("/keys", status_code=201)
 async def create_key(
     request: Request[Any, Any, Any], gateway: NamedDependency[Gateway]
 ) -> Response[bytes]:
     """Create a key; its plaintext is in this response only."""
-    require_master(request, gateway)
     body = decode_body(await request.body(), KeyCreate)
     fields = msgspec.structs.asdict(body)
     expires_in = fields.pop("expires_in_s")
@@ -145,32 +149,27 @@ async def create_key(
     return json_response(_with_key(record, plaintext), status_code=201)
 
 
-@get("/admin/keys")
+@get("/keys")
 async def list_keys(
     request: Request[Any, Any, Any], gateway: NamedDependency[Gateway]
 ) -> Response[bytes]:
     """Every key (no plaintexts, no hashes); `?include_revoked=false` hides revoked ones."""
-    require_master(request, gateway)
     include = request.query_params.get("include_revoked", "true").lower() != "false"
     records = await gateway.keys.list(include_revoked=include)
     return json_response({"object": "list", "data": [r.public() for r in records]})
 
 
-@get("/admin/keys/{key_id:str}")
-async def get_key(
-    request: Request[Any, Any, Any], gateway: NamedDependency[Gateway], key_id: FromPath[str]
-) -> Response[bytes]:
+@get("/keys/{key_id:str}")
+async def get_key(gateway: NamedDependency[Gateway], key_id: FromPath[str]) -> Response[bytes]:
     """One key."""
-    require_master(request, gateway)
     return json_response((await _record(gateway, key_id)).public())
 
 
-@patch("/admin/keys/{key_id:str}")
+@patch("/keys/{key_id:str}")
 async def update_key(
     request: Request[Any, Any, Any], gateway: NamedDependency[Gateway], key_id: FromPath[str]
 ) -> Response[bytes]:
     """Change a key's name, models, limits, budget or expiry."""
-    require_master(request, gateway)
     body = decode_body(await request.body(), KeyUpdate)
     changes = {
         name: getattr(body, name)
@@ -182,23 +181,19 @@ async def update_key(
     return json_response(record.public())
 
 
-@post("/admin/keys/{key_id:str}/revoke", status_code=200)
-async def revoke_key(
-    request: Request[Any, Any, Any], gateway: NamedDependency[Gateway], key_id: FromPath[str]
-) -> Response[bytes]:
+@post("/keys/{key_id:str}/revoke", status_code=200)
+async def revoke_key(gateway: NamedDependency[Gateway], key_id: FromPath[str]) -> Response[bytes]:
     """Revoke a key now; its tokens stop working too."""
-    require_master(request, gateway)
     record = await gateway.keys.revoke(key_id)
     gateway.key_cache.apply(record)
     return json_response(record.public())
 
 
-@post("/admin/keys/{key_id:str}/rotate", status_code=201)
+@post("/keys/{key_id:str}/rotate", status_code=201)
 async def rotate_key(
     request: Request[Any, Any, Any], gateway: NamedDependency[Gateway], key_id: FromPath[str]
 ) -> Response[bytes]:
     """A new key with the same settings; the old one works for `grace_seconds` more."""
-    require_master(request, gateway)
     raw = await request.body()
     body = decode_body(raw, Rotate) if raw.strip() else Rotate()
     record, plaintext = await gateway.keys.rotate(key_id, body.grace_seconds)
@@ -208,12 +203,11 @@ async def rotate_key(
     return json_response({**_with_key(record, plaintext), "previous": previous.public()}, 201)
 
 
-@get("/admin/usage")
+@get("/usage")
 async def usage(
     request: Request[Any, Any, Any], gateway: NamedDependency[Gateway]
 ) -> Response[bytes]:
     """Requests and tokens per key and model over a period (`since`, `until`, `group_by`)."""
-    require_master(request, gateway)
     now = datetime.now(UTC)
     query = request.query_params
     since = parse_time(query.get("since", "24h"), now)
@@ -230,13 +224,12 @@ async def usage(
     )
 
 
-@get("/admin/usage/series")
+@get("/usage/series")
 async def usage_by_bucket(
     request: Request[Any, Any, Any], gateway: NamedDependency[Gateway]
 ) -> Response[bytes]:
     """API requests and tokens per key and model per time bucket (`since`, `until`, `bucket`,
     `group_by`); `since` moves back to the start of its bucket, so every bucket is whole."""
-    require_master(request, gateway)
     now = datetime.now(UTC)
     query = request.query_params
     bucket = parse_duration(query.get("bucket", "1h"))
@@ -271,12 +264,11 @@ async def usage_by_bucket(
     )
 
 
-@get("/admin/errors")
+@get("/errors")
 async def list_errors(
     request: Request[Any, Any, Any], gateway: NamedDependency[Gateway]
 ) -> Response[bytes]:
     """The latest requests answered with status >= 400, newest first (`limit`, default 50)."""
-    require_master(request, gateway)
     text = request.query_params.get("limit", "50")
     limit = int(text) if text.isascii() and text.isdigit() else 0
     if not 1 <= limit <= MAX_ERRORS:
@@ -287,12 +279,9 @@ async def list_errors(
     return json_response({"object": "list", "data": rows})
 
 
-@get("/admin/backends")
-async def backends(
-    request: Request[Any, Any, Any], gateway: NamedDependency[Gateway]
-) -> Response[bytes]:
+@get("/backends")
+async def backends(gateway: NamedDependency[Gateway]) -> Response[bytes]:
     """Every model's pool: each deployment's health, load, failures and cooldown."""
-    require_master(request, gateway)
     data = []
     for served in gateway.models:
         routing = served.config.routing
@@ -343,16 +332,15 @@ async def metrics_endpoint(
     if metrics is None:
         raise NotFound("metrics are off: set metrics.enabled to serve /metrics")
     if gateway.config.metrics.require_key:
-        require_master(request, gateway)
+        require_master(request.headers, gateway)
     return Response(content=metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
 
-@post("/admin/reload", status_code=200)
+@post("/reload", status_code=200)
 async def reload_config(
     request: Request[Any, Any, Any], gateway: NamedDependency[Gateway]
 ) -> Response[bytes]:
     """Read clawbot.json again and apply it; the answer says what changed (400: what is wrong)."""
-    require_master(request, gateway)
     reloader: Reloader = request.app.state.reloader
     try:
         report = await reloader.reload("POST /admin/reload")
@@ -361,3 +349,28 @@ async def reload_config(
             f"config not reloaded, the previous one keeps serving: {exc}", code="invalid_config"
         ) from exc
     return json_response(report)
+
+
+def master_only(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """The guard of every /admin route."""
+    require_master(connection.headers, serving_gateway(connection.app.state, connection.scope))
+
+
+router = Router(
+    "/admin",
+    guards=[master_only],
+    route_handlers=[
+        create_key,
+        list_keys,
+        get_key,
+        update_key,
+        revoke_key,
+        rotate_key,
+        usage,
+        usage_by_bucket,
+        list_errors,
+        backends,
+        reload_config,
+    ],
+)
+"""The admin API: the master key only (`master_only`), checked once for all its routes."""

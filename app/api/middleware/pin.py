@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from litestar.datastructures import State
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from app.core.gateway import Gateway
@@ -41,3 +42,10 @@ def gateway_of(scope: Scope) -> Gateway | None:
     state: dict[str, Any] = scope.get("state") or {}
     gateway = state.get(GATEWAY)
     return gateway if isinstance(gateway, Gateway) else None
+
+
+def serving_gateway(state: State, scope: Scope) -> Gateway:
+    """The gateway this request is pinned to, else the current one (the app's `gateway`
+    dependency, and what guards read)."""
+    reloader: Reloader = state.reloader
+    return gateway_of(scope) or reloader.current

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from app.api.admin.routes import router as admin_router
 from app.api.app import create_app
 from app.core.gateway import Gateway
 from app.ledger.storage.schema import ApiKey, AuditRecord
@@ -302,3 +303,22 @@ async def test_streams_without_include_usage_do_not_show_it(gateway_client: Any)
     r = await client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=AUTH)
     assert '"usage"' not in r.text
     assert r.text.endswith("data: [DONE]\n\n")
+
+
+async def test_every_admin_route_needs_the_master_key(gateway_client: Any) -> None:
+    """The router's one guard covers each of its routes: 401 without a key or with a wrong
+    one, 403 with an API key; the master key gets past it (to the route's own answer)."""
+    _, client = gateway_client
+    api_key = bearer((await new_key(client))["key"])
+    routes = [
+        (method, route.path.replace("{key_id:str}", "key_nope"))
+        for route in admin_router.routes
+        for method in sorted(route.methods - {"OPTIONS", "HEAD"})
+    ]
+    assert len(routes) == 11
+    for method, path in routes:
+        assert (await client.request(method, path)).status_code == 401, path
+        assert (await client.request(method, path, headers=bearer("wrong"))).status_code == 401
+        assert (await client.request(method, path, headers=api_key)).status_code == 403, path
+        allowed = await client.request(method, path, headers=AUTH)
+        assert allowed.status_code not in (401, 403), (path, allowed.text)
