@@ -17,7 +17,7 @@ from app.api.admin import ui as admin_ui
 from app.api.anthropic import routes as messages_api
 from app.api.errors import error_response
 from app.api.middleware.accounting import Accounting
-from app.api.middleware.edge import Edge
+from app.api.middleware.edge import AdminAllowlist, Edge
 from app.api.middleware.pin import PinGateway, serving_gateway
 from app.api.openai import chat, completions, embeddings, fim, models, rerank
 from app.api.responses import routes as responses_api
@@ -95,9 +95,8 @@ def create_app(
     reloader = Reloader(gateway, config_path)
     routes = build_litestar(gateway, on_ready, reloader)
     config = gateway.config
-    accounting = Accounting(
-        PinGateway(routes, reloader), reloader.finish, keep_bodies=config.audit.bodies
-    )
+    allowlisted = AdminAllowlist(PinGateway(routes, reloader), config.policies.ip_allowlist.admin)
+    accounting = Accounting(allowlisted, reloader.finish, keep_bodies=config.audit.bodies)
     if config.metrics.enabled:
         gateway.metrics = metrics.Metrics(gateway, in_flight=lambda: accounting.in_flight)
 
@@ -109,8 +108,4 @@ def create_app(
             new.metrics.bind(new)
 
     reloader.on_swap.append(swapped)
-    return Edge(
-        accounting,
-        trusted_proxies=config.model_server.trusted_proxies,
-        admin_allowlist=config.policies.ip_allowlist.admin,
-    )
+    return Edge(accounting, trusted_proxies=config.model_server.trusted_proxies)

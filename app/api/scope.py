@@ -1,8 +1,8 @@
 """What the gateway keeps in an ASGI scope's `state`, one accessor per key.
 
-`request_id` (set by `Edge`), `exchange` (opened by `Accounting`) and `refusal` (an admin
-request `Edge` turned away, answered by `Accounting`). Everything else reads them through here,
-and routes hand the core an `Arrival` made of them (`arrival_of`).
+`request_id` (set by `Edge`) and `exchange` (opened by `Accounting`); `gateway` (the pinned
+one) is `app.api.middleware.pin`'s. Everything else reads them through here, and routes hand
+the core an `Arrival` made of them (`arrival_of`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from app.ledger.exchange import Exchange
 
 REQUEST_ID = "request_id"
 EXCHANGE = "exchange"
-REFUSAL = "refusal"
 
 
 def request_id_of(scope: Scope) -> str:

@@ -15,7 +15,6 @@ from typing import Any
 from litestar.types import ASGIApp, Message, Receive, ReceiveMessage, Scope, Send
 
 from app.api import scope as scope_keys
-from app.api.middleware.edge import refuse
 from app.api.scope import request_id_of
 from app.ledger.exchange import Exchange
 from app.logs import REQUEST_ID
@@ -39,9 +38,6 @@ def _capturing(receive: Receive, exchange: Exchange) -> Receive:
 
 class Accounting:
     """ASGI middleware: opens an `Exchange` per HTTP request and finishes it after the answer."""
-
-    answers_refusals = True
-    """`Edge` leaves its refusals (admin allowlist) to this, so they are audited too."""
 
     def __init__(self, app: ASGIApp, finish: Finisher, *, keep_bodies: bool = False) -> None:
         self.app = app
@@ -90,11 +86,7 @@ class Accounting:
             await send(message)
 
         try:
-            refusal = state.get(scope_keys.REFUSAL)
-            if refusal is None:
-                await self.app(scope, receive, send_and_observe)
-            else:
-                exchange.error_type = await refuse(refusal, send_and_observe)
+            await self.app(scope, receive, send_and_observe)
         finally:
             if exchange.finished_at is None:
                 exchange.finished_at = time.perf_counter()

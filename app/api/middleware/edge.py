@@ -3,7 +3,6 @@ normalization, the request id, and the admin IP allowlist."""
 
 from __future__ import annotations
 
-import logging
 import re
 import secrets
 from collections.abc import Iterable, Sequence
@@ -15,8 +14,6 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from app.api import scope as scope_keys
 from app.api.errors import translate
 from policies.ip_allowlist import AddressSet, IpAllowlistPolicy
-
-log = logging.getLogger("clawbot.edge")
 
 REQUEST_ID_HEADER = b"x-request-id"
 FORWARDED_FOR_HEADER = b"x-forwarded-for"
@@ -84,20 +81,11 @@ def forwarded_client(peer: str, forwarded_for: Iterable[str], proxies: AddressSe
 
 class Edge:
     """ASGI wrapper in front of everything: resolves the client's address behind trusted
-    proxies, normalizes the path, tags every response with `x-request-id`, and keeps clients
-    outside `policies.ip_allowlist.admin` away from /admin and /metrics (403, before any key
-    check)."""
+    proxies, normalizes the path and tags every response with `x-request-id`."""
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        trusted_proxies: Sequence[str] = (),
-        admin_allowlist: Sequence[str] = (),
-    ) -> None:
+    def __init__(self, app: ASGIApp, *, trusted_proxies: Sequence[str] = ()) -> None:
         self.app = app
         self._proxies = AddressSet(trusted_proxies) if trusted_proxies else None
-        self._admin = IpAllowlistPolicy(admin_allowlist, scope="admin") if admin_allowlist else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # type: ignore[comparison-overlap]
@@ -105,7 +93,7 @@ class Edge:
             return
         if self._proxies is not None:
             self._resolve_client(scope, self._proxies)
-        path = scope["path"] = normalize_path(scope["path"])
+        scope["path"] = normalize_path(scope["path"])
         client_id = next(
             (
                 v
@@ -127,23 +115,6 @@ class Edge:
                 message["headers"] = headers
             await send(message)
 
-        if self._admin is not None and is_admin_path(path):
-            client = scope.get("client")
-            host = client[0] if client else ""
-            if not self._admin.permits(host):
-                refusal = self._admin.refusal(host)
-                if getattr(self.app, "answers_refusals", False):
-                    # `Accounting` answers it, so it gets its audit row and access line.
-                    state[scope_keys.REFUSAL] = refusal
-                else:
-                    log.info(
-                        "refused %s from %s: not in policies.ip_allowlist.admin",
-                        path,
-                        host,
-                        extra={"request_id": rid},
-                    )
-                    await refuse(refusal, send_with_id)
-                    return
         await self.app(scope, receive, send_with_id)
 
     @staticmethod
@@ -157,6 +128,32 @@ class Edge:
         host = forwarded_client(client[0], forwarded, proxies)
         if host != client[0]:
             scope["client"] = (host, 0)
+
+
+class AdminAllowlist:
+    """ASGI wrapper that keeps clients outside `policies.ip_allowlist.admin` away from /admin
+    and /metrics (403, before any key check). It sits inside `Accounting`, so a refusal is
+    audited and access-logged like any other answer."""
+
+    def __init__(self, app: ASGIApp, allowlist: Sequence[str]) -> None:
+        self.app = app
+        self._admin = IpAllowlistPolicy(allowlist, scope="admin") if allowlist else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            self._admin is not None
+            and scope["type"] == "http"  # type: ignore[comparison-overlap]
+            and is_admin_path(scope["path"])
+        ):
+            client = scope.get("client")
+            host = client[0] if client else ""
+            if not self._admin.permits(host):
+                code = await refuse(self._admin.refusal(host), send)
+                exchange = scope_keys.exchange_of(scope)
+                if exchange is not None:
+                    exchange.error_type = code
+                return
+        await self.app(scope, receive, send)
 
 
 async def refuse(exc: Exception, send: Send) -> str:
