@@ -22,6 +22,12 @@ Stop = str | Annotated[list[str], Meta(max_length=16)]
 # ---- requests: shared pieces
 
 
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
+"""Why a chat choice ended."""
+CompletionFinishReason = Literal["stop", "length", "content_filter"]
+"""Why a text completion choice ended."""
+
+
 class StreamOptions(Struct, kw_only=True, omit_defaults=True):
     """Options for streamed responses."""
 
@@ -290,7 +296,7 @@ class ChatChoice(Struct, kw_only=True):
     index: int
     message: ResponseMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
+    finish_reason: FinishReason
 
 
 class ChatCompletion(Struct, kw_only=True):
@@ -331,9 +337,7 @@ class ChunkChoice(Struct, kw_only=True):
     index: int
     delta: ChunkDelta
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: (
-        Literal["stop", "length", "tool_calls", "content_filter", "function_call"] | None
-    ) = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionChunk(Struct, kw_only=True):
@@ -363,7 +367,7 @@ class CompletionChoice(Struct, kw_only=True):
     text: str
     index: int
     logprobs: CompletionLogprobs | None = None
-    finish_reason: Literal["stop", "length", "content_filter"] | None
+    finish_reason: CompletionFinishReason | None
 
 
 class Completion(Struct, kw_only=True):
@@ -466,6 +470,7 @@ __all__ = [
     "ChunkDelta",
     "Completion",
     "CompletionChoice",
+    "CompletionFinishReason",
     "CompletionLogprobs",
     "CompletionRequest",
     "Embedding",
@@ -474,6 +479,7 @@ __all__ = [
     "EmbeddingUsage",
     "ErrorBody",
     "ErrorResponse",
+    "FinishReason",
     "Model",
     "ModelCapabilities",
     "ModelList",

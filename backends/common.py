@@ -8,7 +8,7 @@ import secrets
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 import msgspec
 
@@ -23,11 +23,13 @@ from app.protocol import (
     ChunkDelta,
     Completion,
     CompletionChoice,
+    CompletionFinishReason,
     CompletionLogprobs,
     Embedding,
     EmbeddingList,
     EmbeddingRequest,
     EmbeddingUsage,
+    FinishReason,
     PromptTokensDetails,
     ResponseMessage,
     StreamOptions,
@@ -35,13 +37,7 @@ from app.protocol import (
 )
 from backends.base import BackendSpec
 
-FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
-CompletionFinish = Literal["stop", "length", "content_filter"]
-
 OptionsT = TypeVar("OptionsT", bound=msgspec.Struct)
-
-
-ChatFinishReason = Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
 
 
 def new_id(prefix: str) -> str:
@@ -84,7 +80,7 @@ def wants_usage(options: StreamOptions | None) -> bool:
 def chat_completion(
     model: str,
     message: ResponseMessage,
-    finish_reason: ChatFinishReason,
+    finish_reason: FinishReason,
     counts: Usage,
     logprobs: ChoiceLogprobs | None = None,
 ) -> ChatCompletion:
@@ -180,7 +176,7 @@ class CompletionEvents:
     def text(
         self,
         text: str,
-        finish: CompletionFinish | None = None,
+        finish: CompletionFinishReason | None = None,
         lp: CompletionLogprobs | None = None,
     ) -> Completion:
         """An event adding `text`."""
