@@ -2,9 +2,10 @@
 
 `ops -> api -> core -> {policies, routing, ledger, backends} -> the base modules`: a module may
 import its own room and the rooms below it, never one above. Of the four middle rooms a policy
-may read the ledger (keys, rate limits) and a pool is made of backends; no other two see each
-other. No module under `app/core/` imports the web framework, and there is no import circle,
-counting imports inside functions and under `TYPE_CHECKING`.
+may read the ledger (keys, rate limits), a pool is made of backends, and the metrics read the
+backends' own state; no other two see each other. No module under `app/core/` imports the web
+framework, and there is no import circle, counting imports inside functions and under
+`TYPE_CHECKING`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ PACKAGES = ("app", "backends", "policies")
 RANKS = {"ops": 4, "api": 3, "core": 2, "policies": 1, "routing": 1, "ledger": 1, "backends": 1}
 """A room's height; the base modules (`app.config`, `app.errors`, `app.protocol`,
 `app.tokens`, `app.logs`, `app` itself) are 0."""
-SIBLINGS = {("policies", "ledger"), ("routing", "backends")}
+SIBLINGS = {("policies", "ledger"), ("routing", "backends"), ("ledger", "backends")}
 """The middle rooms that may import one another, in that direction."""
 WEB_FRAMEWORKS = ("litestar", "starlette", "uvicorn")
 

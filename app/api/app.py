@@ -11,7 +11,7 @@ from litestar import Litestar
 from litestar.datastructures import State
 from litestar.di import Provide
 
-from app.api import health
+from app.api import health, openapi
 from app.api.admin import routes as admin
 from app.api.admin import ui as admin_ui
 from app.api.anthropic import routes as messages_api
@@ -70,6 +70,9 @@ def build_litestar(
             admin.issue_token,
             admin.router,
             *admin_ui.routes(),
+            openapi.openapi_json,
+            openapi.docs_page,
+            openapi.docs_asset,
         ],
         dependencies={"gateway": Provide(serving_gateway, sync_to_thread=False)},
         exception_handlers={Exception: error_response},

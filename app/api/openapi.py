@@ -1,0 +1,302 @@
+"""The gateway's own OpenAPI document (GET /openapi.json) and a docs page that renders it
+(GET /docs), both served by clawbot itself: the machines it runs on may have no internet, so
+the page loads nothing from elsewhere.
+
+Routes decode their bodies themselves (`app.api.bodies`), so Litestar cannot see their
+schemas; `OPERATIONS` names each public route's request and answer Structs, and msgspec makes
+their JSON Schemas. A test holds `OPERATIONS` to the routes the app serves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from importlib.resources import files
+from typing import Any, Literal
+
+import msgspec
+from litestar import Response, get
+from litestar.params import FromPath
+
+from app import __version__
+from app.api.admin.routes import KeyCreate, KeyUpdate, Rotate
+from app.api.anthropic.protocol import (
+    CountTokensRequest,
+    CountTokensResponse,
+    Message,
+    MessagesRequest,
+)
+from app.api.anthropic.protocol import ErrorResponse as AnthropicErrorResponse
+from app.api.responses.protocol import CreateResponse, ResponseObject
+from app.core.reload import ReloadReport
+from app.errors import NotFound
+from app.protocol import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    EmbeddingList,
+    EmbeddingRequest,
+    ErrorResponse,
+    FimCompletionRequest,
+    Model,
+    ModelList,
+    RerankRequest,
+    RerankResponse,
+)
+
+Access = Literal["key", "master", "none"]
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """One public route, as the document describes it."""
+
+    method: Literal["get", "post", "patch"]
+    path: str
+    """OpenAPI's form: `/v1/models/{model_id}`."""
+    summary: str
+    tag: str
+    request: type | None = None
+    answer: type | None = None
+    """None: a JSON object the document does not detail."""
+    events: type | None = None
+    """The payload of each SSE event when the request asks for `stream: true`."""
+    access: Access = "key"
+    status: int = 200
+    anthropic: bool = False
+    """Errors in Anthropic's shape."""
+
+
+OPERATIONS: tuple[Operation, ...] = (
+    Operation(
+        "post",
+        "/v1/chat/completions",
+        "Create a chat completion",
+        "OpenAI",
+        ChatCompletionRequest,
+        ChatCompletion,
+        ChatCompletionChunk,
+    ),
+    Operation(
+        "post",
+        "/v1/completions",
+        "Create a text completion",
+        "OpenAI",
+        CompletionRequest,
+        Completion,
+        Completion,
+    ),
+    Operation(
+        "post",
+        "/v1/embeddings",
+        "Create embeddings",
+        "OpenAI",
+        EmbeddingRequest,
+        EmbeddingList,
+    ),
+    Operation(
+        "post",
+        "/v1/fim/completions",
+        "Fill in the middle (Mistral's shape)",
+        "OpenAI",
+        FimCompletionRequest,
+        Completion,
+        Completion,
+    ),
+    Operation(
+        "post",
+        "/v1/rerank",
+        "Rerank documents against a query (Cohere's and Jina's shape)",
+        "OpenAI",
+        RerankRequest,
+        RerankResponse,
+    ),
+    Operation("get", "/v1/models", "List the served models", "OpenAI", answer=ModelList),
+    Operation("get", "/v1/models/{model_id}", "One model by id or alias", "OpenAI", answer=Model),
+    Operation(
+        "post",
+        "/v1/responses",
+        "Create a model response (OpenAI's Responses API)",
+        "Responses",
+        CreateResponse,
+        ResponseObject,
+    ),
+    Operation(
+        "post",
+        "/v1/messages",
+        "Create a message (Anthropic's Messages API)",
+        "Anthropic",
+        MessagesRequest,
+        Message,
+        anthropic=True,
+    ),
+    Operation(
+        "post",
+        "/v1/messages/count_tokens",
+        "Count a message's input tokens",
+        "Anthropic",
+        CountTokensRequest,
+        CountTokensResponse,
+        anthropic=True,
+    ),
+    Operation("post", "/v1/auth/token", "Exchange an API key for a short-lived token", "Keys"),
+    Operation(
+        "post", "/admin/keys", "Create an API key", "Admin", KeyCreate, None, None, "master", 201
+    ),
+    Operation("get", "/admin/keys", "List API keys", "Admin", access="master"),
+    Operation("get", "/admin/keys/{key_id}", "One API key", "Admin", access="master"),
+    Operation(
+        "patch", "/admin/keys/{key_id}", "Change an API key", "Admin", KeyUpdate, access="master"
+    ),
+    Operation("post", "/admin/keys/{key_id}/revoke", "Revoke an API key", "Admin", access="master"),
+    Operation(
+        "post",
+        "/admin/keys/{key_id}/rotate",
+        "Rotate an API key",
+        "Admin",
+        Rotate,
+        None,
+        None,
+        "master",
+        201,
+    ),
+    Operation("get", "/admin/usage", "Token usage by key and model", "Admin", access="master"),
+    Operation("get", "/admin/usage/series", "Token usage over time", "Admin", access="master"),
+    Operation("get", "/admin/errors", "Recent failed requests", "Admin", access="master"),
+    Operation(
+        "get", "/admin/backends", "Every deployment's health and load", "Admin", access="master"
+    ),
+    Operation(
+        "post",
+        "/admin/reload",
+        "Reload clawbot.json",
+        "Admin",
+        answer=ReloadReport,
+        access="master",
+    ),
+    Operation("get", "/health", "Liveness", "Operations", access="none"),
+    Operation("get", "/ready", "Readiness: every model loaded", "Operations", access="none"),
+    Operation("get", "/metrics", "Prometheus metrics (text format)", "Operations", access="none"),
+)
+
+_REF = "#/components/schemas/{name}"
+_ERRORS = {
+    400: "Bad request",
+    401: "No or wrong key",
+    403: "Not allowed",
+    404: "Not found",
+    429: "Rate limited",
+    503: "Busy or unavailable",
+}
+
+
+def _schema_names() -> dict[type, dict[str, Any]]:
+    types = sorted(
+        {t for op in OPERATIONS for t in (op.request, op.answer, op.events) if t is not None}
+        | {ErrorResponse, AnthropicErrorResponse},
+        key=lambda t: f"{t.__module__}.{t.__qualname__}",
+    )
+    schemas, _ = msgspec.json.schema_components(types, ref_template=_REF)
+    return dict(zip(types, schemas, strict=True))
+
+
+def _operation(op: Operation, refs: dict[type, dict[str, Any]]) -> dict[str, Any]:
+    content: dict[str, Any] = {
+        "application/json": {"schema": refs[op.answer] if op.answer else {"type": "object"}}
+    }
+    if op.events is not None:
+        content["text/event-stream"] = {
+            "schema": {"type": "string", "description": "SSE events, each `data:` one of:"},
+            "x-event-schema": refs[op.events],
+        }
+    if op.path == "/metrics":
+        content = {"text/plain": {"schema": {"type": "string"}}}
+    error = {
+        "application/json": {
+            "schema": refs[AnthropicErrorResponse if op.anthropic else ErrorResponse]
+        }
+    }
+    responses: dict[str, Any] = {str(op.status): {"description": "Success", "content": content}}
+    for status, text in _ERRORS.items():
+        responses[str(status)] = {"description": text, "content": error}
+    words = op.path.strip("/").replace("{", "").replace("}", "").replace("/", "_")
+    body: dict[str, Any] = {
+        "operationId": f"{op.method}_{words}",
+        "summary": op.summary,
+        "tags": [op.tag],
+        "responses": responses,
+        "security": [] if op.access == "none" else [{"bearer": []}, {"apiKey": []}],
+    }
+    if op.access == "master":
+        body["description"] = "Needs the master key (`auth.api_key`)."
+    params = [part[1:-1] for part in op.path.split("/") if part.startswith("{")]
+    if params:
+        body["parameters"] = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            for name in params
+        ]
+    if op.request is not None:
+        body["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": refs[op.request]}},
+        }
+    return body
+
+
+@cache
+def document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document of every public route."""
+    refs = _schema_names()
+    _, components = msgspec.json.schema_components(list(refs), ref_template=_REF)
+    paths: dict[str, dict[str, Any]] = {}
+    for op in OPERATIONS:
+        paths.setdefault(op.path, {})[op.method] = _operation(op, refs)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "clawbot",
+            "version": __version__,
+            "description": "A local AI assistant gateway: OpenAI and Anthropic wire APIs over "
+            "local and remote models, with keys, limits and an audit log.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+            },
+        },
+    }
+
+
+@cache
+def _encoded() -> bytes:
+    return msgspec.json.encode(document())
+
+
+@get("/openapi.json", include_in_schema=False)
+async def openapi_json() -> Response[bytes]:
+    """The OpenAPI document."""
+    return Response(content=_encoded(), media_type="application/json")
+
+
+_DOCS = files("app.api") / "docs"
+DOCS_ASSETS = {"docs.js": "text/javascript", "docs.css": "text/css"}
+
+
+@get("/docs", include_in_schema=False)
+async def docs_page() -> Response[bytes]:
+    """A page that renders /openapi.json with its own script and style sheet."""
+    return Response(content=(_DOCS / "index.html").read_bytes(), media_type="text/html")
+
+
+@get("/docs/{name:str}", include_in_schema=False)
+async def docs_asset(name: FromPath[str]) -> Response[bytes]:
+    """The page's script and style sheet."""
+    media_type = DOCS_ASSETS.get(name)
+    if media_type is None:
+        raise NotFound(f"no docs file {name!r}", param="name")
+    return Response(content=(_DOCS / name).read_bytes(), media_type=media_type)
