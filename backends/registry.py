@@ -3,58 +3,42 @@
 
 from __future__ import annotations
 
-from importlib.metadata import EntryPoint, entry_points
-
 from app.config import ConfigError, ModelConfig
+from app.plugins import Plugin, PluginFailed, registry
 from backends.base import Backend, BackendFactory, BackendSpec
 from backends.llamacpp.backend import LlamaCppBackend
 from backends.memory import MemoryBudget
 from backends.mock import MockBackend
 from backends.openai_http.backend import OpenAIHTTPBackend
 
-
-def _builtin_factories() -> dict[str, BackendFactory]:
-    return {
-        "llamacpp": LlamaCppBackend,
-        "mock": MockBackend,
-        "http": OpenAIHTTPBackend,
-        "https": OpenAIHTTPBackend,
-    }
-
-
 BACKEND_PLUGIN_GROUP = "clawbot.backends"
+BUILTIN_BACKENDS: dict[str, BackendFactory] = {
+    "llamacpp": LlamaCppBackend,
+    "mock": MockBackend,
+    "http": OpenAIHTTPBackend,
+    "https": OpenAIHTTPBackend,
+}
 
 
 class PluginBackendFactory:
     """A `clawbot.backends` entry point, imported when a model first uses its scheme.
 
     The entry point is a `BackendFactory`: called with the BackendSpec, it returns a Backend or
-    raises ConfigError. Any other failure, or a result lacking Backend's methods, becomes a
-    ConfigError naming the plugin, so a broken plugin fails start-up only where it is used.
+    raises ConfigError. Any other failure (`app.plugins`), or a result lacking Backend's
+    methods, becomes a ConfigError naming the plugin, so a broken plugin fails start-up only
+    where it is used.
     """
 
-    def __init__(self, ep: EntryPoint) -> None:
-        self.ep = ep
+    def __init__(self, plugin: Plugin) -> None:
+        self.plugin = plugin
 
     def __call__(self, spec: BackendSpec) -> Backend:
         """Build the plugin's backend for `spec`."""
-        dist = self.ep.dist
-        origin = f" from {dist.name} {dist.version}" if dist is not None else ""
-        where = f"backend plugin {self.ep.name!r} ({self.ep.value}{origin})"
-        try:
-            factory = self.ep.load()
-        except Exception as exc:
-            raise ConfigError(f"{where} failed to load: {type(exc).__name__}: {exc}") from exc
-        try:
-            backend = factory(spec)
-        except ConfigError:
-            raise
-        except Exception as exc:
-            raise ConfigError(f"{where} failed to start: {type(exc).__name__}: {exc}") from exc
+        backend = self.plugin.build(spec)
         if not isinstance(backend, Backend):
             missing = ", ".join(a for a in _BACKEND_ATTRS if not hasattr(backend, a))
-            raise ConfigError(
-                f"{where} returned a {type(backend).__name__}, which lacks the Backend "
+            raise PluginFailed(
+                f"{self.plugin} returned a {type(backend).__name__}, which lacks the Backend "
                 f"members {missing}"
             )
         return backend
@@ -74,15 +58,17 @@ _BACKEND_ATTRS = (
 
 
 def backend_factories() -> dict[str, BackendFactory]:
-    """Built-in backends plus those registered under the `clawbot.backends` entry points.
+    """Every backend by scheme, through the one plugin registry (`app.plugins`): the built-ins,
+    then those registered under the `clawbot.backends` entry points.
 
     A plugin's entry point name is its scheme (`myscheme:` in a model's `backend`); the
     built-in schemes cannot be taken over, and of two plugins with one name the first wins.
     """
-    factories = _builtin_factories()
-    for ep in entry_points(group=BACKEND_PLUGIN_GROUP):
-        factories.setdefault(ep.name, PluginBackendFactory(ep))
-    return factories
+    found = registry(BACKEND_PLUGIN_GROUP, "backend plugin", "backend", BUILTIN_BACKENDS)
+    return {
+        name: BUILTIN_BACKENDS[name] if plugin.entry is None else PluginBackendFactory(plugin)
+        for name, plugin in found.items()
+    }
 
 
 def build_backend(
