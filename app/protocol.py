@@ -19,9 +19,6 @@ TokenCount = Annotated[int, Meta(ge=1)]
 Stop = str | Annotated[list[str], Meta(max_length=16)]
 
 
-# ---- requests: shared pieces
-
-
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
 """Why a chat choice ended."""
 CompletionFinishReason = Literal["stop", "length", "content_filter"]
@@ -152,9 +149,6 @@ class ResponseFormat(Struct, kw_only=True, omit_defaults=True):
     json_schema: JsonSchemaFormat | None = None
 
 
-# ---- requests: endpoints
-
-
 class ChatCompletionRequest(Struct, kw_only=True, omit_defaults=True):
     """POST /v1/chat/completions."""
 
@@ -234,9 +228,6 @@ class EmbeddingRequest(Struct, kw_only=True, omit_defaults=True):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Meta(ge=1)] | None = None
     user: str | None = None
-
-
-# ---- responses
 
 
 class PromptTokensDetails(Struct, kw_only=True):
@@ -492,7 +483,7 @@ __all__ = [
 ]
 
 
-# ---- extension endpoints: rerank (Cohere/Jina style) and FIM (Mistral style); not OpenAI APIs
+# Rerank (Cohere and Jina style) and FIM (Mistral style) are extensions, not OpenAI APIs.
 
 
 class RerankDocument(Struct, kw_only=True):

@@ -141,9 +141,6 @@ def sha256_of(path: Path) -> tuple[int, str]:
     return path.stat().st_size, digest.hexdigest()
 
 
-# ---- backup
-
-
 def create_backup(config_path: Path, out: Path, *, include_models: bool = False) -> Manifest:
     """Back up the config at `config_path` and its database to `out` (a directory or .tar.gz)."""
     config = load_config(config_path)
@@ -375,9 +372,6 @@ async def _dump_postgres(url: str, folder: Path) -> tuple[str | None, dict[str, 
 
 def _encode_row(row: dict[str, Any]) -> bytes:
     return msgspec.json.encode(row) + b"\n"
-
-
-# ---- restore
 
 
 def restore_backup(source: Path, config_path: Path, *, force: bool = False) -> RestoreReport:

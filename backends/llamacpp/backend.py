@@ -359,8 +359,6 @@ class LlamaCppBackend:
             embed_window=EMBED_WINDOW,
         )
 
-    # ---- loading
-
     @property
     def loaded(self) -> bool:
         """Weights in memory, engine running."""
@@ -456,8 +454,6 @@ class LlamaCppBackend:
         if self.memory is not None:
             self.memory.unregister(self)
         await self.unload()
-
-    # ---- requests
 
     def _sampling(
         self, req: ChatCompletionRequest | CompletionRequest, grammar: str | None

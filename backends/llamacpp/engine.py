@@ -256,7 +256,7 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self._thread.start()
 
-    # ---- any thread
+    # Called from any thread.
 
     @property
     def active(self) -> int:
@@ -329,7 +329,7 @@ class Engine:
             self._embedder.close()
         self._ctx.close()
 
-    # ---- engine thread
+    # Called on the engine thread only.
 
     def _loop(self) -> None:
         try:
@@ -592,7 +592,7 @@ class Engine:
         self._emit(seq, None)
         self._release(slot)
 
-    # ---- embeddings
+    # Embeddings, decoded in a context of their own.
 
     def embed(self, texts: list[list[int]]) -> _EmbedJob:
         """Queue token lists for embedding; the job completes on the engine thread."""

@@ -74,8 +74,6 @@ from app.protocol import (
 )
 from app.tokens import count_tokens
 
-# ---- requests to chat
-
 
 def _block_param(i: int, j: int) -> str:
     return f"messages[{i}].content[{j}]"
@@ -284,9 +282,6 @@ def estimate_input_tokens(messages: list[ChatMessage], tools: list[Tool] | None)
     for tool in tools or ():
         total += count_tokens(msgspec.json.encode(tool.function).decode())
     return total
-
-
-# ---- chat to responses
 
 
 def new_message_id() -> str:

@@ -12,8 +12,6 @@ from typing import Annotated, Any, Literal
 
 from msgspec import UNSET, Meta, Struct, UnsetType
 
-# ---- content blocks (requests and responses)
-
 
 class TextBlock(Struct, tag_field="type", tag="text"):
     """A text block."""
@@ -79,9 +77,6 @@ InputBlock = (
     TextBlock | ImageBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | RedactedThinkingBlock
 )
 OutputBlock = ThinkingBlock | TextBlock | ToolUseBlock
-
-
-# ---- requests
 
 
 class InputMessage(Struct, kw_only=True):
@@ -158,8 +153,6 @@ class MessagesRequest(MessagesInput, kw_only=True):
     top_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
 
 
-# ---- responses
-
 StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use", "refusal"]
 
 
@@ -201,9 +194,6 @@ class ErrorResponse(Struct, kw_only=True):
 
     type: Literal["error"] = "error"
     error: ErrorDetail
-
-
-# ---- stream events
 
 
 class MessageStart(Struct, tag_field="type", tag="message_start"):

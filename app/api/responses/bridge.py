@@ -108,9 +108,6 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(12)}"
 
 
-# ---- request: CreateResponse -> ChatCompletionRequest
-
-
 def _refuse_stateful(req: CreateResponse) -> None:
     """The gateway stores no responses or conversations: say so instead of ignoring them."""
     if req.previous_response_id is not None:
@@ -459,9 +456,6 @@ def bridge_request(req: CreateResponse) -> Bridged:
     return Bridged(chat=chat, shell=shell, namespaced=offered.namespaced, left_out=offered.left_out)
 
 
-# ---- response: ChatCompletion -> response object
-
-
 def response_usage(usage: Usage) -> ResponseUsage:
     """Chat usage in Responses terms."""
     return ResponseUsage(
@@ -562,9 +556,6 @@ def bridge_response(
     usage = completion.usage if isinstance(completion.usage, Usage) else None
     output = _output_items(choice, namespaced or {})
     return _finished(shell, completion.model, output, choice.finish_reason, usage)
-
-
-# ---- stream: chat chunks -> named events
 
 
 @dataclass(slots=True)

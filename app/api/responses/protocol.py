@@ -18,7 +18,7 @@ from app.protocol import Probability, Temperature, TokenCount
 ItemStatus = Literal["in_progress", "completed", "incomplete"]
 
 
-# ---- requests: input items (each decoded from its dict by the bridge)
+# Input items are each decoded from their dict by the bridge.
 
 
 class InputText(Struct, tag_field="type", tag="input_text"):
@@ -83,9 +83,6 @@ class FunctionCallOutputInput(Struct, kw_only=True):
     output: str | list[InputPart]
 
 
-# ---- requests: the rest
-
-
 class NamespaceToolParam(Struct, kw_only=True):
     """A `namespace` tool: function tools grouped under one name (Codex's sub-agent tools)."""
 
@@ -143,9 +140,6 @@ class CreateResponse(Struct, kw_only=True, omit_defaults=True):
     user: str | None = None
 
 
-# ---- responses: output items
-
-
 class MessageItem(Struct, tag_field="type", tag="message", kw_only=True):
     """An assistant message in the output."""
 
@@ -182,9 +176,6 @@ class ReasoningItem(Struct, tag_field="type", tag="reasoning", kw_only=True):
 
 
 OutputItem = MessageItem | FunctionCallItem | ReasoningItem
-
-
-# ---- responses: the response object
 
 
 class FunctionTool(Struct, tag_field="type", tag="function", kw_only=True):
@@ -267,7 +258,7 @@ class ResponseObject(Struct, kw_only=True):
     metadata: dict[str, str]
 
 
-# ---- responses: stream events (`sequence_number` is set by the stream as it sends them)
+# Stream events: `sequence_number` is set by the stream as it sends them.
 
 
 class ResponseCreated(Struct, tag_field="type", tag="response.created", kw_only=True):
