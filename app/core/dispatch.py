@@ -16,7 +16,7 @@ from typing import Generic, TypeVar
 from app.core.gateway import Gateway, ServedModel
 from app.errors import GatewayError, ServiceUnavailable, UpstreamStatusError, UpstreamTimeout
 from app.ledger.exchange import Exchange
-from app.routing.pool import Deployment, is_retryable
+from app.routing.pool import Deployment, EmptyStream, is_retryable, pull_head
 from policies.context import RequestContext
 
 T = TypeVar("T")
@@ -207,12 +207,12 @@ class Dispatcher:
         while True:
             items = current.pool.stream(self._tracked(current, run))
             try:
-                head = await anext(items)
-            except StopAsyncIteration:
-                return
+                head = await pull_head(items)
             except GatewayError as exc:
                 current = self._after(current, exc, tried)
                 continue
+            if isinstance(head, EmptyStream):
+                return
             try:
                 yield head
                 async for item in items:

@@ -194,8 +194,22 @@ def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, UpstreamUnavailable | UpstreamTimeout | UpstreamError)
 
 
-class _Empty:
+class EmptyStream:
     """A stream that ended before its first item."""
+
+
+async def pull_head(it: AsyncIterator[X]) -> X | EmptyStream:
+    """A stream's first item, before anything of it is sent: until then a failure can still go
+    to another deployment or model, after it never (the first item commits the stream). A
+    stream that fails or ends here is closed."""
+    try:
+        return await anext(it)
+    except StopAsyncIteration:
+        await _aclose(it)
+        return EmptyStream()
+    except BaseException:
+        await _aclose(it)
+        raise
 
 
 class Pool:
@@ -375,21 +389,16 @@ class Pool:
         iterators: list[AsyncIterator[X]] = []
         started = asyncio.get_running_loop().time()
 
-        async def first(d: Deployment) -> X | _Empty:
+        async def first(d: Deployment) -> X | EmptyStream:
             it = fn(d)
-            try:
-                item = await anext(it)
-            except StopAsyncIteration:
-                return _Empty()
-            except BaseException:
-                await _aclose(it)
-                raise
-            iterators.append(it)
-            return item
+            head = await pull_head(it)
+            if not isinstance(head, EmptyStream):
+                iterators.append(it)
+            return head
 
         d, trial, head = await self._within_deadline(first, streaming=True)
         try:
-            if isinstance(head, _Empty):
+            if isinstance(head, EmptyStream):
                 return
             it = iterators[-1]
             try:
