@@ -11,8 +11,9 @@ from litestar import Litestar
 from litestar.datastructures import State
 from litestar.di import Provide
 
-from app.api import health, openapi
-from app.api.admin import routes as admin
+from app.api import admin, health, openapi
+from app.api.admin import keys as admin_keys
+from app.api.admin import metrics as admin_metrics
 from app.api.admin import ui as admin_ui
 from app.api.anthropic import routes as messages_api
 from app.api.errors import error_response
@@ -66,8 +67,8 @@ def build_litestar(
             models.retrieve_model,
             health.health,
             health.ready,
-            admin.metrics_endpoint,
-            admin.issue_token,
+            admin_metrics.metrics_endpoint,
+            admin_keys.issue_token,
             admin.router,
             *admin_ui.routes(),
             openapi.openapi_json,

@@ -19,7 +19,7 @@ from litestar import Response, get
 from litestar.params import FromPath
 
 from app import __version__
-from app.api.admin.routes import KeyCreate, KeyUpdate, Rotate
+from app.api.admin.keys import KeyCreate, KeyUpdate, Rotate
 from app.api.anthropic.protocol import (
     CountTokensRequest,
     CountTokensResponse,

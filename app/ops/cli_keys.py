@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import msgspec
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.api.admin.routes import parse_duration, parse_time
+from app.api.admin.usage import parse_duration, parse_time
 from app.config import load_config
 from app.errors import GatewayError, InvalidRequest
 from app.ledger.audit import usage_summary

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from app.api.admin.routes import router as admin_router
+from app.api.admin import router as admin_router
 from app.api.app import create_app
 from app.core.gateway import Gateway
 from app.ledger.storage.schema import ApiKey, AuditRecord
