@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.di import Provide
+from litestar.types import ASGIApp
 
 from app.api import admin, health, openapi
 from app.api.admin import keys as admin_keys
@@ -99,8 +100,10 @@ def create_app(
     reloader = Reloader(gateway, config_path)
     routes = build_litestar(gateway, on_ready, reloader)
     config = gateway.config
-    allowlisted = AdminAllowlist(PinGateway(routes, reloader), config.policies.ip_allowlist.admin)
-    accounting = Accounting(allowlisted, reloader.finish, keep_bodies=config.audit.bodies)
+    inner: ASGIApp = PinGateway(routes, reloader)
+    if config.policies.ip_allowlist.admin:  # restart-only, like the rest of the wrapping
+        inner = AdminAllowlist(inner, config.policies.ip_allowlist.admin)
+    accounting = Accounting(inner, reloader.finish, keep_bodies=config.audit.bodies)
     if config.metrics.enabled:
         gateway.metrics = metrics.Metrics(gateway, in_flight=lambda: accounting.in_flight)
 
