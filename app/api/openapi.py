@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
-from importlib.resources import files
 from typing import Any, Literal
 
 import msgspec
 from litestar import Response, get
-from litestar.params import FromPath
+from litestar.handlers import HTTPRouteHandler
 
 from app import __version__
 from app.api.admin.keys import KeyCreate, KeyUpdate, Rotate
@@ -27,9 +26,9 @@ from app.api.anthropic.protocol import (
     MessagesRequest,
 )
 from app.api.anthropic.protocol import ErrorResponse as AnthropicErrorResponse
+from app.api.pages import static_page
 from app.api.responses.protocol import CreateResponse, ResponseObject
 from app.core.reload import ReloadReport
-from app.errors import NotFound
 from app.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -283,20 +282,10 @@ async def openapi_json() -> Response[bytes]:
     return Response(content=_encoded(), media_type="application/json")
 
 
-_DOCS = files("app.api") / "docs"
 DOCS_ASSETS = {"docs.js": "text/javascript", "docs.css": "text/css"}
+"""The files the docs page loads from /docs/, with their media types."""
 
 
-@get("/docs", include_in_schema=False)
-async def docs_page() -> Response[bytes]:
-    """A page that renders /openapi.json with its own script and style sheet."""
-    return Response(content=(_DOCS / "index.html").read_bytes(), media_type="text/html")
-
-
-@get("/docs/{name:str}", include_in_schema=False)
-async def docs_asset(name: FromPath[str]) -> Response[bytes]:
-    """The page's script and style sheet."""
-    media_type = DOCS_ASSETS.get(name)
-    if media_type is None:
-        raise NotFound(f"no docs file {name!r}", param="name")
-    return Response(content=(_DOCS / name).read_bytes(), media_type=media_type)
+def docs_routes() -> list[HTTPRouteHandler]:
+    """The docs page, rendering /openapi.json with its own script and style sheet (read once)."""
+    return static_page("app.api", "docs", ["/docs"], "index.html", DOCS_ASSETS, "docs")

@@ -14,6 +14,7 @@ from referencing.jsonschema import DRAFT202012
 
 from app.api.app import build_litestar
 from app.api.openapi import DOCS_ASSETS, OPERATIONS, document
+from app.api.pages import SECURITY_HEADERS
 from app.config import parse_config
 from app.core.gateway import Gateway
 from tests.conftest import AUTH, AppClient, make_config
@@ -117,6 +118,7 @@ async def test_the_document_and_docs_page_are_served_from_here(client: AppClient
     page = await client.get("/docs")
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
+    assert page.headers["content-security-policy"] == SECURITY_HEADERS["content-security-policy"]
     links = re.findall(r'(?:src|href)="([^"]+)"', page.text)
     assert links, "the page links its script and style sheet"
     assert all(link.startswith("/") for link in links), links  # nothing from another host
