@@ -64,6 +64,8 @@ class Operation:
     """The payload of each SSE event when the request asks for `stream: true`."""
     access: Access = "key"
     status: int = 200
+    text: bool = False
+    """Answers plain text (Prometheus' format), not JSON."""
     anthropic: bool = False
     """Errors in Anthropic's shape."""
 
@@ -177,7 +179,14 @@ OPERATIONS: tuple[Operation, ...] = (
     ),
     Operation("get", "/health", "Liveness", "Operations", access="none"),
     Operation("get", "/ready", "Readiness: every model loaded", "Operations", access="none"),
-    Operation("get", "/metrics", "Prometheus metrics (text format)", "Operations", access="none"),
+    Operation(
+        "get",
+        "/metrics",
+        "Prometheus metrics (text format)",
+        "Operations",
+        access="none",
+        text=True,
+    ),
 )
 
 _REF = "#/components/schemas/{name}"
@@ -191,14 +200,15 @@ _ERRORS = {
 }
 
 
-def _schema_names() -> dict[type, dict[str, Any]]:
+def _schemas() -> tuple[dict[type, dict[str, Any]], dict[str, Any]]:
+    """Each Struct's reference, and the components they point into."""
     types = sorted(
         {t for op in OPERATIONS for t in (op.request, op.answer, op.events) if t is not None}
         | {ErrorResponse, AnthropicErrorResponse},
         key=lambda t: f"{t.__module__}.{t.__qualname__}",
     )
-    schemas, _ = msgspec.json.schema_components(types, ref_template=_REF)
-    return dict(zip(types, schemas, strict=True))
+    refs, components = msgspec.json.schema_components(types, ref_template=_REF)
+    return dict(zip(types, refs, strict=True)), components
 
 
 def _operation(op: Operation, refs: dict[type, dict[str, Any]]) -> dict[str, Any]:
@@ -210,7 +220,7 @@ def _operation(op: Operation, refs: dict[type, dict[str, Any]]) -> dict[str, Any
             "schema": {"type": "string", "description": "SSE events, each `data:` one of:"},
             "x-event-schema": refs[op.events],
         }
-    if op.path == "/metrics":
+    if op.text:
         content = {"text/plain": {"schema": {"type": "string"}}}
     error = {
         "application/json": {
@@ -247,8 +257,7 @@ def _operation(op: Operation, refs: dict[type, dict[str, Any]]) -> dict[str, Any
 @cache
 def document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of every public route."""
-    refs = _schema_names()
-    _, components = msgspec.json.schema_components(list(refs), ref_template=_REF)
+    refs, components = _schemas()
     paths: dict[str, dict[str, Any]] = {}
     for op in OPERATIONS:
         paths.setdefault(op.path, {})[op.method] = _operation(op, refs)

@@ -137,14 +137,10 @@ class AdminAllowlist:
 
     def __init__(self, app: ASGIApp, allowlist: Sequence[str]) -> None:
         self.app = app
-        self._admin = IpAllowlistPolicy(allowlist, scope="admin") if allowlist else None
+        self._admin = IpAllowlistPolicy(allowlist, scope="admin")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            self._admin is not None
-            and scope["type"] == "http"  # type: ignore[comparison-overlap]
-            and is_admin_path(scope["path"])
-        ):
+        if scope["type"] == "http" and is_admin_path(scope["path"]):  # type: ignore[comparison-overlap]
             client = scope.get("client")
             host = client[0] if client else ""
             if not self._admin.permits(host):
