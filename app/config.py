@@ -182,6 +182,38 @@ class MemorySettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     limit, every model loads at start."""
 
 
+class KnowledgeSettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Files, vector stores and their ingestion (the `/v1/files` and `/v1/vector_stores` APIs)."""
+
+    enabled: bool = True
+    """Serve the Files and Vector Stores APIs."""
+    blobs: str = ""
+    """Where file bytes live: `file:///dir` (a directory; relative to clawbot.json's folder) or
+    `database:` (rows of the database, which every replica already reaches). Unset: a
+    `clawbot-files` directory beside a SQLite database, the database itself otherwise."""
+    embedding_model: str = ""
+    """Model (id or alias) that embeds chunks and queries of new vector stores; it must serve
+    embeddings. Unset: the first configured model that does."""
+    max_file_mb: PositiveInt = 64
+    """Largest upload; bigger ones are refused with 413."""
+    quota_mb_per_key: PositiveInt | None = 1024
+    """Bytes of files one API key may keep (the master key has no quota); unset: unlimited."""
+    workers: Annotated[int, Meta(ge=1, le=32)] = 2
+    """Files ingested at the same time by this process."""
+    embed_batch: Annotated[int, Meta(ge=1, le=2048)] = 64
+    """Chunks embedded per call to the embedding model."""
+    chunk_size_tokens: Annotated[int, Meta(ge=100, le=4096)] = 256
+    """Chunk size of the `auto` chunking strategy (cl100k tokens). Smaller than OpenAI's 800:
+    the embedded embedding model reads 256 word pieces at most."""
+    chunk_overlap_tokens: Annotated[int, Meta(ge=0, le=2048)] = 64
+    """Overlap of the `auto` chunking strategy."""
+    rerank_model: str = ""
+    """Model serving `/v1/rerank` that reorders fused hits before they are returned; unset: none."""
+    lease_s: Annotated[float, Meta(gt=0)] = 60.0
+    """A file being ingested is claimed for this long (renewed while it runs): a process that
+    dies mid-file leaves it to be picked up again once the lease runs out."""
+
+
 class SamplingDefaults(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Per-model defaults applied where a request leaves a parameter unset."""
 
@@ -319,6 +351,8 @@ class Config(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Hot reload."""
     memory: MemorySettings = MemorySettings()
     """RAM budget of in-process models."""
+    knowledge: KnowledgeSettings = KnowledgeSettings()
+    """Files, vector stores and retrieval."""
     models: tuple[ModelConfig, ...] = ()
     """Served models; at least one."""
 

@@ -19,10 +19,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("app", "backends", "policies")
 
-RANKS = {"ops": 4, "api": 3, "core": 2, "policies": 1, "routing": 1, "ledger": 1, "backends": 1}
+RANKS = {
+    "ops": 4,
+    "api": 3,
+    "core": 2,
+    "policies": 1,
+    "routing": 1,
+    "ledger": 1,
+    "knowledge": 1,
+    "backends": 1,
+}
 """A room's height; the base modules (`app.config`, `app.errors`, `app.protocol`,
 `app.tokens`, `app.logs`, `app` itself) are 0."""
-SIBLINGS = {("policies", "ledger"), ("routing", "backends"), ("ledger", "backends")}
+SIBLINGS = {
+    ("policies", "ledger"),
+    ("routing", "backends"),
+    ("ledger", "backends"),
+    ("knowledge", "ledger"),
+}
 """The middle rooms that may import one another, in that direction."""
 WEB_FRAMEWORKS = ("litestar", "starlette", "uvicorn")
 

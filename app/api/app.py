@@ -18,6 +18,8 @@ from app.api.admin import metrics as admin_metrics
 from app.api.admin import ui as admin_ui
 from app.api.anthropic import routes as messages_api
 from app.api.errors import error_response
+from app.api.knowledge import files as knowledge_files
+from app.api.knowledge import vector_stores
 from app.api.middleware.accounting import Accounting
 from app.api.middleware.edge import AdminAllowlist, Edge
 from app.api.middleware.pin import PinGateway, serving_gateway
@@ -70,6 +72,8 @@ def build_litestar(
             health.ready,
             admin_metrics.metrics_endpoint,
             admin_keys.issue_token,
+            *knowledge_files.routes(gateway.config.knowledge),
+            *vector_stores.ROUTES,
             admin.router,
             *admin_ui.routes(),
             openapi.openapi_json,

@@ -26,6 +26,7 @@ from app.api.anthropic.protocol import (
     MessagesRequest,
 )
 from app.api.anthropic.protocol import ErrorResponse as AnthropicErrorResponse
+from app.api.knowledge import protocol as kb
 from app.api.pages import static_page
 from app.api.responses.protocol import CreateResponse, ResponseObject
 from app.core.reload import ReloadReport
@@ -52,7 +53,7 @@ Access = Literal["key", "master", "none"]
 class Operation:
     """One public route, as the document describes it."""
 
-    method: Literal["get", "post", "patch"]
+    method: Literal["get", "post", "patch", "delete"]
     path: str
     """OpenAPI's form: `/v1/models/{model_id}`."""
     summary: str
@@ -68,6 +69,8 @@ class Operation:
     """Answers plain text (Prometheus' format), not JSON."""
     anthropic: bool = False
     """Errors in Anthropic's shape."""
+    upload: bool = False
+    """The body is multipart/form-data with a `file` and a `purpose` (the Files API)."""
 
 
 OPERATIONS: tuple[Operation, ...] = (
@@ -141,6 +144,118 @@ OPERATIONS: tuple[Operation, ...] = (
         CountTokensRequest,
         CountTokensResponse,
         anthropic=True,
+    ),
+    Operation("post", "/v1/files", "Upload a file", "Files", answer=kb.FileObject, upload=True),
+    Operation("get", "/v1/files", "List files", "Files", answer=kb.FileList),
+    Operation("get", "/v1/files/{file_id}", "One file", "Files", answer=kb.FileObject),
+    Operation("delete", "/v1/files/{file_id}", "Delete a file", "Files", answer=kb.Deleted),
+    Operation("get", "/v1/files/{file_id}/content", "A file's bytes", "Files"),
+    Operation(
+        "post",
+        "/v1/vector_stores",
+        "Create a vector store",
+        "Vector stores",
+        kb.CreateVectorStore,
+        kb.VectorStoreObject,
+    ),
+    Operation(
+        "get", "/v1/vector_stores", "List vector stores", "Vector stores", answer=kb.VectorStoreList
+    ),
+    Operation(
+        "get",
+        "/v1/vector_stores/{vector_store_id}",
+        "One vector store",
+        "Vector stores",
+        answer=kb.VectorStoreObject,
+    ),
+    Operation(
+        "post",
+        "/v1/vector_stores/{vector_store_id}",
+        "Modify a vector store",
+        "Vector stores",
+        kb.UpdateVectorStore,
+        kb.VectorStoreObject,
+    ),
+    Operation(
+        "delete",
+        "/v1/vector_stores/{vector_store_id}",
+        "Delete a vector store",
+        "Vector stores",
+        answer=kb.Deleted,
+    ),
+    Operation(
+        "post",
+        "/v1/vector_stores/{vector_store_id}/search",
+        "Search a vector store (full text and vectors, fused)",
+        "Vector stores",
+        kb.SearchRequest,
+        kb.SearchResultsPage,
+    ),
+    Operation(
+        "post",
+        "/v1/vector_stores/{vector_store_id}/files",
+        "Add a file to a vector store",
+        "Vector stores",
+        kb.CreateVectorStoreFile,
+        kb.VectorStoreFileObject,
+    ),
+    Operation(
+        "get",
+        "/v1/vector_stores/{vector_store_id}/files",
+        "List a vector store's files",
+        "Vector stores",
+        answer=kb.VectorStoreList,
+    ),
+    Operation(
+        "get",
+        "/v1/vector_stores/{vector_store_id}/files/{file_id}",
+        "One file of a vector store",
+        "Vector stores",
+        answer=kb.VectorStoreFileObject,
+    ),
+    Operation(
+        "post",
+        "/v1/vector_stores/{vector_store_id}/files/{file_id}",
+        "Change a vector store file's attributes",
+        "Vector stores",
+        kb.UpdateVectorStoreFile,
+        kb.VectorStoreFileObject,
+    ),
+    Operation(
+        "delete",
+        "/v1/vector_stores/{vector_store_id}/files/{file_id}",
+        "Take a file out of a vector store",
+        "Vector stores",
+        answer=kb.Deleted,
+    ),
+    Operation(
+        "post",
+        "/v1/vector_stores/{vector_store_id}/file_batches",
+        "Add files to a vector store in a batch",
+        "Vector stores",
+        kb.CreateFileBatch,
+        kb.FileBatchObject,
+    ),
+    Operation(
+        "get",
+        "/v1/vector_stores/{vector_store_id}/file_batches/{batch_id}",
+        "One file batch",
+        "Vector stores",
+        answer=kb.FileBatchObject,
+    ),
+    Operation(
+        "post",
+        "/v1/vector_stores/{vector_store_id}/file_batches/{batch_id}/cancel",
+        "Cancel a file batch",
+        "Vector stores",
+        answer=kb.FileBatchObject,
+    ),
+    Operation(
+        "get",
+        "/v1/vector_stores/{vector_store_id}/file_batches/{batch_id}/files",
+        "List a file batch's files",
+        "Vector stores",
+        answer=kb.VectorStoreList,
     ),
     Operation("post", "/v1/auth/token", "Exchange an API key for a short-lived token", "Keys"),
     Operation(
@@ -250,6 +365,19 @@ def _operation(op: Operation, refs: dict[type, dict[str, Any]]) -> dict[str, Any
         body["requestBody"] = {
             "required": True,
             "content": {"application/json": {"schema": refs[op.request]}},
+        }
+    if op.upload:
+        form = {
+            "type": "object",
+            "required": ["file", "purpose"],
+            "properties": {
+                "file": {"type": "string", "contentMediaType": "application/octet-stream"},
+                "purpose": {"type": "string"},
+            },
+        }
+        body["requestBody"] = {
+            "required": True,
+            "content": {"multipart/form-data": {"schema": form}},
         }
     return body
 

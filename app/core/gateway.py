@@ -13,7 +13,9 @@ from typing import Any
 from limits.errors import ConfigurationError
 
 from app.config import Config, ConfigError, ModelConfig, model_deployments
+from app.core.knowledge import ModelCalls, embedding_model_of
 from app.errors import ModelNotFound
+from app.knowledge.base import KnowledgeBase
 from app.ledger.audit import AuditEntry, AuditWriter
 from app.ledger.exchange import Exchange, log_access
 from app.ledger.keys import KeyCache, KeyStore, TokenSigner, token_secret
@@ -163,6 +165,10 @@ class Gateway:
     """Cooldowns and health shared with other replicas (Redis), if configured."""
     metrics: Metrics | None = field(init=False, default=None)
     """Prometheus metrics; set by `app.api.app.create_app` when `metrics.enabled`."""
+    knowledge: KnowledgeBase | None = field(init=False, default=None)
+    """Files, vector stores and search (`knowledge.enabled`); one per process, kept on reload."""
+    model_calls: ModelCalls | None = field(init=False, default=None)
+    """How the knowledge base reaches the models (pointed at the new ones on reload)."""
 
     def __post_init__(self) -> None:
         for served in self.models:
@@ -216,6 +222,15 @@ class Gateway:
             memory=memory,
             carried=previous is not None,
         )
+        if config.knowledge.enabled:
+            embedding_model_of(config)  # an unknown name is a config error, not a 404 later
+            if previous is not None and previous.knowledge is not None:
+                gateway.knowledge, gateway.model_calls = previous.knowledge, previous.model_calls
+            else:
+                calls = gateway.model_calls = ModelCalls(config, gateway.names)
+                gateway.knowledge = KnowledgeBase(
+                    db, config.knowledge, embed=calls.embed, embedding_model=calls.embedding_model
+                )
         policies: list[Policy] = []
         if config.policies.ip_allowlist.api:  # before authentication: 403, never 401
             policies.append(IpAllowlistPolicy(config.policies.ip_allowlist.api))
@@ -263,6 +278,10 @@ class Gateway:
         self.monitor.start()
         if self.router_state is not None:
             self.router_state.start()
+        if self.model_calls is not None:
+            self.model_calls.point_at(self.config, self.names)
+        if self.knowledge is not None and not self.carried:
+            self.knowledge.start()
 
     async def aclose(self) -> None:
         """Flush the audit log, close backends, the limiter and the database."""
@@ -271,6 +290,8 @@ class Gateway:
             await self.router_state.aclose()
         if self.audit is not None:
             await self.audit.aclose()
+        if self.knowledge is not None:
+            await self.knowledge.aclose()
         results = await asyncio.gather(
             *(backend.aclose() for served in self.models for backend in served.backends),
             self.key_cache.aclose(),

@@ -45,6 +45,7 @@ RESTART_ONLY = (
     "policies.ip_allowlist.admin",
     "metrics.enabled",
     "memory.budget_mb",
+    "knowledge",
 )
 """Keys bound to the listening socket, the process or the app's construction; a reload keeps
 their running values and warns."""

@@ -70,7 +70,7 @@ class Database:
             raise ConfigError(f"database.url: cannot parse {url!r}: {exc}") from exc
         kwargs: dict[str, Any] = {}
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
-        self._sqlite_file = (
+        self.sqlite_file = (
             parsed.database
             if self.is_sqlite and parsed.database not in (None, "", ":memory:")
             else None
@@ -97,9 +97,9 @@ class Database:
         Processes starting together (workers, replicas) migrate one at a time: PostgreSQL
         through an advisory lock, a SQLite file through a lock file next to it.
         """
-        if self._sqlite_file is None:
+        if self.sqlite_file is None:
             return await self._upgrade()
-        path = f"{self._sqlite_file}.migrate-lock"
+        path = f"{self.sqlite_file}.migrate-lock"
         lock = await asyncio.to_thread(os.open, path, os.O_CREAT | os.O_RDWR, 0o600)
         try:
             await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)

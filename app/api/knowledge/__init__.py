@@ -1,0 +1,1 @@
+"""OpenAI's Files and Vector Stores APIs over `app.knowledge`."""
