@@ -208,8 +208,7 @@ def model_files(config: Config) -> list[ModelFile]:
             if backend_scheme(dep.backend) != "llamacpp":
                 continue
             target = dep.backend.partition(":")[2]
-            embedded = target in ("", "embedded")
-            path = _embedded_path() if embedded else Path(target).expanduser().resolve()
+            embedded, path = _model_path(target)
             name = dep.name or deployment_label(dep.backend)
             found.setdefault(path, (embedded, []))[1].append(f"{model.id}/{name}")
     models = []
@@ -224,10 +223,16 @@ def model_files(config: Config) -> list[ModelFile]:
     return models
 
 
-def _embedded_path() -> Path:
-    from backends.llamacpp.backend import embedded_model_path
+def _model_path(target: str) -> tuple[bool, Path]:
+    """Whether a `llamacpp:` target ships with clawbot (the embedded chat and embedding models,
+    rebuilt by installing, not restored from a backup), and the GGUF it loads."""
+    from backends.llamacpp.backend import EMBEDDING_MODELS, target_model_path
 
-    return embedded_model_path()
+    packaged = target in ("", "embedded") or target in EMBEDDING_MODELS
+    try:
+        return packaged, target_model_path(target).resolve()
+    except ConfigError as exc:
+        raise BackupError(str(exc)) from exc
 
 
 def _is_archive(path: Path) -> bool:
@@ -618,10 +623,13 @@ def _write_atomically(path: Path, data: bytes) -> None:
 def _check_models(manifest: Manifest, root: Path, report: RestoreReport) -> None:
     """Each model file must be here with the backup's SHA-256; copy back archived ones."""
     for model in manifest.models:
-        try:
-            local = _embedded_path() if model.embedded else Path(model.path)
-        except ConfigError as exc:
-            report.warnings.append(f"embedded model: {exc}")
+        local = Path(model.path)
+        if model.embedded and not local.is_file():
+            # Packaged models come with installing clawbot (the embedding one is converted
+            # on first use), not from the backup.
+            report.warnings.append(
+                f"packaged model {local.name} is not installed here; `make run` installs it"
+            )
             continue
         if not local.is_file():
             if model.archived_as and not model.embedded:

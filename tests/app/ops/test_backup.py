@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from app.config import Config, load_config
 from app.ledger.audit import AuditEntry, AuditWriter
 from app.ledger.keys import KeyStore
-from app.ledger.storage.database import Database
+from app.ledger.storage.database import Database, head_revision
 from app.ops.backup import MANIFEST, Manifest
 from app.ops.cli import main
 from backends.llamacpp.backend import embedded_model_path
@@ -152,7 +152,7 @@ async def test_sqlite_backup_is_consistent_while_the_database_is_open(tmp_path: 
     manifest = read_manifest(tmp_path / "b")
     assert manifest.database.tables["api_keys"] == 1
     assert manifest.database.dialect == "sqlite"
-    assert manifest.alembic_revision == "0001"
+    assert manifest.alembic_revision == head_revision()
 
 
 async def test_postgres_round_trip(
@@ -179,7 +179,7 @@ async def test_postgres_round_trip(
     await assert_keys_authenticate(make_client, load_config(path), keys)
     db = Database(postgres_url)
     try:
-        assert await db.revision() == "0001"
+        assert await db.revision() == head_revision()
         writer = AuditWriter(db)  # new rows get ids after the restored ones
         writer.start()
         writer.submit(
