@@ -294,6 +294,17 @@ class RoutingSettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
     """A health check slower than this fails."""
 
 
+class KnowledgeBinding(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A model grounded in vector stores: every chat retrieves for the last user turn."""
+
+    vector_store_ids: Annotated[tuple[str, ...], Meta(min_length=1, max_length=10)]
+    """Stores searched (any owner's: the config is the administrator's)."""
+    max_results: Annotated[int, Meta(ge=1, le=50)] = 5
+    """Passages put into the prompt at most (fewer when the context window is short)."""
+    score_threshold: Annotated[float, Meta(ge=0, le=1)] = 0.0
+    """Passages scoring below this are left out."""
+
+
 class ModelConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """One public model: its id, aliases and the backend (or pool of them) serving it."""
 
@@ -301,7 +312,14 @@ class ModelConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True)
     """Public model id, as clients send it in `model`."""
     backend: str = ""
     """Backend spec: `llamacpp:embedded`, `llamacpp:/path.gguf`, `http(s)://host/v1`, `mock:`.
-    Exactly one of `backend` and `deployments` is set."""
+    Exactly one of `backend`, `deployments` and `base` is set."""
+    base: str = ""
+    """Another model (id or alias) whose deployments serve this one: a second name with its own
+    system prompt, knowledge, limits and access rules, and no second copy of the weights."""
+    knowledge: KnowledgeBinding | None = None
+    """Vector stores every chat with this model is grounded in."""
+    system_prompt: str = ""
+    """Put before the conversation's own system messages."""
     deployments: tuple[DeploymentConfig, ...] = ()
     """A pool of backends serving this model, routed by `routing`."""
     routing: RoutingSettings = RoutingSettings()
@@ -454,6 +472,15 @@ def _check(config: Config, source: str) -> None:
             seen[name] = index
     for index, model in enumerate(config.models):
         _check_model(model, f"{source}: models[{index}]", seen)
+        if model.base:
+            base = config.models[seen[model.base]] if model.base in seen else None
+            if base is None or base is model or base.base:
+                raise ConfigError(
+                    f"{source}: models[{index}].base: {model.base!r} is not a model with "
+                    "backends of its own"
+                )
+        if model.knowledge is not None and not config.knowledge.enabled:
+            raise ConfigError(f"{source}: models[{index}].knowledge needs knowledge.enabled")
     networks = {
         "model_server.trusted_proxies": config.model_server.trusted_proxies,
         "policies.ip_allowlist.api": config.policies.ip_allowlist.api,
@@ -485,8 +512,10 @@ def _check(config: Config, source: str) -> None:
 
 
 def _check_model(model: ModelConfig, where: str, names: Mapping[str, int]) -> None:
-    if bool(model.backend) == bool(model.deployments):
-        raise ConfigError(f"{where} ({model.id}): set exactly one of 'backend' and 'deployments'")
+    if sum(map(bool, (model.backend, model.deployments, model.base))) != 1:
+        raise ConfigError(
+            f"{where} ({model.id}): set exactly one of 'backend', 'deployments' and 'base'"
+        )
     deployment_names = [d.name or deployment_label(d.backend) for d in model.deployments]
     for i, name in enumerate(deployment_names):
         if name in deployment_names[:i]:
@@ -513,7 +542,10 @@ def deployment_label(spec: str) -> str:
 
 
 def model_deployments(model: ModelConfig) -> tuple[DeploymentConfig, ...]:
-    """A model's pool; a model with a single `backend` is a pool of one."""
+    """A model's pool; a model with a single `backend` is a pool of one (a model with a
+    `base` has none of its own: it is served by its base's)."""
+    if model.base:
+        return ()
     if model.deployments:
         return model.deployments
     return (DeploymentConfig(backend=model.backend, name="default"),)

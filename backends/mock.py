@@ -96,6 +96,11 @@ class MockOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     """Fail every call before its first token with this error."""
     healthy: bool = True
     """What `health()` reports."""
+    embed_delay_ms: Annotated[float, Meta(ge=0)] = 0.0
+    """Delay of each embeddings call (makes background work slow enough to interrupt)."""
+    echo_system: bool = False
+    """Echo the system messages before the last user message (shows what a gateway feature,
+    such as grounding, put into the prompt)."""
 
 
 def _failure(kind: Failure) -> GatewayError:
@@ -191,7 +196,11 @@ class MockBackend:
         if self._answering_tool_result(req):
             return req.messages[-1].text()
         users = [m for m in req.messages if m.role == "user"]
-        return users[-1].text() if users else req.messages[-1].text()
+        last = users[-1].text() if users else req.messages[-1].text()
+        if self.options.echo_system:
+            system = [m.text() for m in req.messages if m.role in ("system", "developer")]
+            return "\n".join([*system, last])
+        return last
 
     def _chat_logprobs(self, tokens: list[str], top: int) -> ChoiceLogprobs:
         return ChoiceLogprobs(
@@ -352,6 +361,8 @@ class MockBackend:
         """Hash-derived unit vectors, one per input, in input order."""
         if self.options.fail_with is not None:
             raise _failure(self.options.fail_with)
+        if self.options.embed_delay_ms:
+            await asyncio.sleep(self.options.embed_delay_ms / 1000)
         texts = [req.input] if isinstance(req.input, str) else [str(t) for t in req.input]
         tokens = sum(len(tokens_of(t)) for t in texts)
         return embedding_list([self._vector(t) for t in texts], req, model=req.model, tokens=tokens)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -69,12 +69,16 @@ async def generate(
     prepare: Prepare[R],
     stream: Callable[[Backend, R], AsyncIterator[StreamItem]],
     answer: Callable[[Backend, R], Awaitable[ChatCompletion | Completion]],
+    extension: Mapping[str, Any] | None = None,
 ) -> Response[bytes] | Stream:
     """Serve a generation as OpenAI's SSE or JSON; usage reaches the client only if it asked
-    for it."""
+    for it. `extension` adds top-level fields of this gateway's own to a JSON answer (the
+    sources of a grounded answer); a stream has them in headers instead."""
     if req.stream:
         asked = bool(req.stream_options and req.stream_options.include_usage)
         items = routed_stream(gateway, call, req, prepare=prepare, stream=stream)
         return await sse_response(observed(items, call.exchange, strip_usage=not asked))
     result = await routed_answer(gateway, call, req, prepare=prepare, answer=answer)
+    if extension:
+        return json_response({**msgspec.to_builtins(result), **extension})
     return json_response(result)

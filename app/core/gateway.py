@@ -174,7 +174,7 @@ class Gateway:
         for served in self.models:
             for name in (served.config.id, *served.config.aliases):
                 self.names[name] = served
-        pools = [(served.pool, served.config.routing) for served in self.models]
+        pools = [(s.pool, s.config.routing) for s in self.models if not s.config.base]
         router = self.config.router
         if not router.state.startswith("memory://"):
             self.router_state = RouterState(
@@ -271,6 +271,9 @@ class Gateway:
                 ", ".join(d.label for d in served.pool.deployments),
                 time.perf_counter() - started,
             )
+        for served in self.models:
+            if served.config.base:  # learns what its base's backends learned on loading
+                served.refresh_capabilities()
         if self.carried:
             self.key_cache.poll_interval_s = self.config.auth.key_cache_poll_s
             self.limiter.on_storage_error = self.config.rate_limits.on_storage_error
@@ -293,7 +296,7 @@ class Gateway:
         if self.knowledge is not None:
             await self.knowledge.aclose()
         results = await asyncio.gather(
-            *(backend.aclose() for served in self.models for backend in served.backends),
+            *(backend.aclose() for backend in unique_backends(self.models)),
             self.key_cache.aclose(),
             self.limiter.aclose(),
             return_exceptions=True,
@@ -315,7 +318,7 @@ class Gateway:
             await self.audit.aclose()
         kept_models = {id(served) for served in successor.models}
         kept = {id(backend) for served in successor.models for backend in served.backends}
-        closing = [b for served in self.models for b in served.backends if id(b) not in kept]
+        closing = [b for b in unique_backends(self.models) if id(b) not in kept]
         results = await asyncio.gather(
             *(backend.aclose() for backend in closing),
             *([] if self.key_cache is successor.key_cache else [self.key_cache.aclose()]),
@@ -459,10 +462,12 @@ def _served_models(
     running: dict[str, ServedModel] = {}
     if previous is not None and previous.config.model_server.timeout == config.model_server.timeout:
         running = {served.config.id: served for served in previous.models}
-    models = []
+    models: list[ServedModel | None] = []
     for i, model in enumerate(config.models):
         old = running.get(model.id)
-        if old is None or _backend_settings(old.config) != _backend_settings(model):
+        if model.base:
+            models.append(None)  # served by its base's pool, made below
+        elif old is None or _backend_settings(old.config) != _backend_settings(model):
             pool = build_pool(
                 model, index=i, default_timeout_s=timeout_s, factories=factories, memory=memory
             )
@@ -477,7 +482,27 @@ def _served_models(
                 model, index=i, default_timeout_s=timeout_s, factories=reuse, memory=memory
             )
             models.append(ServedModel(model, pool, old.created, ready=old.ready))
-    return tuple(models)
+    by_name = {
+        name: served
+        for served in models
+        if served is not None
+        for name in (served.config.id, *served.config.aliases)
+    }
+    return tuple(
+        served
+        if served is not None
+        else ServedModel(model, by_name[model.base].pool, created, ready=True)
+        for model, served in zip(config.models, models, strict=True)
+    )
+
+
+def unique_backends(models: Sequence[ServedModel]) -> list[Backend]:
+    """Every backend once (a model with a `base` shares its base's)."""
+    seen: dict[int, Backend] = {}
+    for served in models:
+        for backend in served.backends:
+            seen.setdefault(id(backend), backend)
+    return list(seen.values())
 
 
 def _backend_settings(model: ModelConfig) -> tuple[Any, ...]:

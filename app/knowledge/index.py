@@ -1,8 +1,8 @@
 """Chunks in, hits out: the full-text index, the vectors, and fusing the two.
 
 Full text: FTS5's BM25 on SQLite (the `chunks_fts` table); PostgreSQL's `ts_rank` over a GIN
-index of `to_tsvector('simple', terms)`. Both read `terms` (`app.knowledge.text`), so
-Chinese is searched as bigrams on either.
+index of the stored `terms_tsv = to_tsvector('simple', terms)`. Both read `terms`
+(`app.knowledge.text`), so Chinese is searched as bigrams on either.
 
 Vectors: float32 rows of `chunks.embedding`, searched by an exact dot product over a matrix
 each process keeps per store (`VectorCache`). Python's sqlite3 here cannot load extensions
@@ -253,16 +253,20 @@ async def text_ranking(
     if sqlite:
         quoted = " OR ".join('"' + w.replace('"', '""') + '"' for w in words)
         params["match"] = f'store : "{store_id}" AND ({quoted})'
-        only = ""
-        if file_list is not None:
+        if file_list is None:
+            sql = (
+                "SELECT rowid, bm25(chunks_fts, 0.0, 1.0) AS rank FROM chunks_fts "
+                "WHERE chunks_fts MATCH :match ORDER BY rank LIMIT :limit"
+            )
+        else:
             names = {f"f{i}": f for i, f in enumerate(file_list)}
             params.update(names)
-            only = f"AND c.file_id IN ({', '.join(':' + n for n in names)})"
-        sql = (
-            "SELECT f.rowid, bm25(chunks_fts, 0.0, 1.0) AS rank FROM chunks_fts f "
-            f"JOIN chunks c ON c.id = f.rowid WHERE chunks_fts MATCH :match {only} "
-            "ORDER BY rank LIMIT :limit"
-        )
+            sql = (
+                "SELECT f.rowid, bm25(chunks_fts, 0.0, 1.0) AS rank FROM chunks_fts f "
+                "JOIN chunks c ON c.id = f.rowid WHERE chunks_fts MATCH :match "
+                f"AND c.file_id IN ({', '.join(':' + n for n in names)}) "
+                "ORDER BY rank LIMIT :limit"
+            )
         rows = (await session.execute(text(sql), params)).all()
         return [(int(r[0]), -float(r[1])) for r in rows]
     params["query"] = " | ".join("'" + w.replace("'", "''") + "'" for w in words)
@@ -271,9 +275,9 @@ async def text_ranking(
         params["files"] = file_list
         only = "AND file_id = ANY(:files)"
     sql = (
-        "SELECT id, ts_rank(to_tsvector('simple', terms), q, 1) AS rank "
+        "SELECT id, ts_rank(terms_tsv, q, 1) AS rank "
         "FROM chunks, to_tsquery('simple', :query) q "
-        f"WHERE store_id = :store AND to_tsvector('simple', terms) @@ q {only} "
+        f"WHERE store_id = :store AND terms_tsv @@ q {only} "
         "ORDER BY rank DESC LIMIT :limit"
     )
     rows = (await session.execute(text(sql), params)).all()
@@ -281,15 +285,18 @@ async def text_ranking(
 
 
 def reciprocal_rank_fusion(
-    rankings: Sequence[Sequence[tuple[int, float]]], k: int = RRF_K
+    rankings: Sequence[Sequence[tuple[int, float]]],
+    k: int = RRF_K,
+    weights: Sequence[float] | None = None,
 ) -> list[tuple[int, float]]:
-    """Chunk ids by the sum of 1 / (k + rank) over the rankings, scaled so that first in
-    every ranking is 1.0."""
+    """Chunk ids by the (weighted) sum of 1 / (k + rank) over the rankings, scaled so that
+    first in every ranking is 1.0."""
+    weights = weights or [1.0] * len(rankings)
     fused: dict[int, float] = {}
-    for ranking in rankings:
+    for weight, ranking in zip(weights, rankings, strict=True):
         for rank, (chunk_id, _) in enumerate(ranking, start=1):
-            fused[chunk_id] = fused.get(chunk_id, 0.0) + 1.0 / (k + rank)
-    best = len(rankings) / (k + 1) if rankings else 1.0
+            fused[chunk_id] = fused.get(chunk_id, 0.0) + weight / (k + rank)
+    best = sum(weights) / (k + 1) if rankings else 1.0
     return sorted(((c, s / best) for c, s in fused.items()), key=lambda p: -p[1])
 
 

@@ -233,8 +233,11 @@ class Stores:
         log.info("vector store %s deleted", store_id)
 
     async def touch(self, store: VectorStore) -> None:
-        """Note activity (a search): it moves an `expires_after` expiry."""
+        """Note activity (a search): it moves an `expires_after` expiry. Written at most once
+        a minute per store: a write per search would serialize searches on SQLite."""
         now = datetime.now(UTC)
+        if now - _aware(store.last_active_at) < timedelta(minutes=1):
+            return
         async with self.db.session() as session, session.begin():
             await session.execute(
                 update(VectorStore)

@@ -111,6 +111,7 @@ async def run_checks(config: Config, gateway: Gateway) -> list[Check]:
     entries: list[tuple[ModelConfig, DeploymentConfig, Deployment]] = [
         (served.config, dep_config, deployment)
         for served in gateway.models
+        if not served.config.base  # its base's deployments are checked once, there
         for dep_config, deployment in zip(
             model_deployments(served.config), served.pool.deployments, strict=True
         )

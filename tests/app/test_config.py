@@ -60,10 +60,10 @@ def test_defaults() -> None:
             {"models": [MODEL], "model_server": {"protocol": "https"}},
             "model_server.tls_cert is required",
         ),
-        ({"models": [{"id": "m"}]}, "set exactly one of 'backend' and 'deployments'"),
+        ({"models": [{"id": "m"}]}, "set exactly one of 'backend', 'deployments' and 'base'"),
         (
             {"models": [{**MODEL, "deployments": [{"backend": "mock:"}]}]},
-            "set exactly one of 'backend' and 'deployments'",
+            "set exactly one of 'backend', 'deployments' and 'base'",
         ),
         (
             {"models": [{"id": "m", "deployments": [{"backend": "mock:"}, {"backend": "mock:"}]}]},

@@ -33,6 +33,7 @@ from app.api.replies import json_response, named_sse_response
 from app.api.scope import arrival_of
 from app.core.gateway import Gateway
 from app.core.generation import chat_answer, chat_chunks
+from app.core.grounding import ground
 
 # Everything raised on these routes (policies, body decoding, backends) is answered in
 # Anthropic's shape; the app-wide handler stays OpenAI's.
@@ -53,6 +54,9 @@ async def create_message(
         arrival_of(request), req.model, lambda: input_tokens() + req.max_tokens
     )
     note_left_out(call.exchange, left_out)
+    grounded = await ground(gateway, call, chat)
+    if grounded is not None:
+        chat = grounded.req  # its sources are named in the x-clawbot-sources header
     if req.stream:
         chunks = chat_chunks(gateway, call, chat)
         events = message_events(chunks, call.model.config.id, input_tokens)

@@ -15,6 +15,7 @@ from app.api.hosted_tools import OPENAI_BUILT_IN_TOOLS, LeftOut, note_left_out, 
 from app.api.replies import generate
 from app.api.scope import arrival_of
 from app.core.gateway import Gateway
+from app.core.grounding import ground, sources
 from app.core.params import prepare_chat
 from app.errors import InvalidRequest
 from app.protocol import ChatCompletionRequest, Tool
@@ -68,6 +69,9 @@ async def chat_completions(
     req, left_out = decode_chat(await request.body())
     call = await gateway.admit_model(arrival_of(request), req.model, partial(estimate_chat, req))
     note_left_out(call.exchange, left_out)
+    grounded = await ground(gateway, call, req)
+    if grounded is not None:
+        req = grounded.req
     return await generate(
         gateway,
         call,
@@ -75,4 +79,5 @@ async def chat_completions(
         prepare=lambda r, s: prepare_chat(r, s.config, s.capabilities),
         stream=lambda backend, r: backend.stream_chat(r),
         answer=lambda backend, r: backend.chat(r),
+        extension={"sources": sources(grounded.results)} if grounded and grounded.results else None,
     )

@@ -8,6 +8,7 @@ becomes a response object; a stream of chat chunks becomes the Responses API's n
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -25,6 +26,13 @@ from app.api.responses.protocol import (
     ContentPartDone,
     CreateResponse,
     ErrorEvent,
+    FileCitation,
+    FileSearchCallItem,
+    FileSearchCompleted,
+    FileSearchInProgress,
+    FileSearchResult,
+    FileSearchSearching,
+    FileSearchTool,
     FunctionCallArgumentsDelta,
     FunctionCallArgumentsDone,
     FunctionCallInput,
@@ -44,6 +52,7 @@ from app.api.responses.protocol import (
     OutputItemAdded,
     OutputItemDone,
     OutputText,
+    OutputTextAnnotationAdded,
     OutputTextDelta,
     OutputTextDone,
     ReasoningItem,
@@ -66,6 +75,7 @@ from app.api.responses.protocol import (
 )
 from app.api.sse import NamedEvent
 from app.errors import InvalidRequest, UnsupportedParameter, UpstreamError
+from app.knowledge.search import Result
 from app.protocol import (
     ChatChoice,
     ChatCompletion,
@@ -258,11 +268,13 @@ class ChatTools:
     """A request's tools as chat sees them, and what the response needs to know of them."""
 
     tools: list[Tool]
-    echoed: list[FunctionTool | NamespaceTool]
+    echoed: list[FunctionTool | NamespaceTool | FileSearchTool]
     """As the response echoes them: built-in tools left out are not among them."""
     namespaced: dict[str, tuple[str, str]]
     """Flat name -> (namespace, name), to map the model's calls back."""
     left_out: list[LeftOut]
+    searches: list[FileSearchTool] = field(default_factory=list)
+    """`file_search` tools, which the gateway runs itself (at most one)."""
 
 
 def _function_tool(
@@ -327,6 +339,19 @@ def chat_tools(req: CreateResponse) -> ChatTools:
                     name=namespace.name, description=namespace.description or "", tools=members
                 )
             )
+        elif kind == "file_search":
+            if out.searches:
+                raise InvalidRequest(
+                    f"{param}: only one file_search tool may be given", param=param
+                )
+            search = convert(raw, FileSearchTool, param)
+            if not search.vector_store_ids:
+                raise InvalidRequest(
+                    f"{param}.vector_store_ids must name at least one vector store",
+                    param=f"{param}.vector_store_ids",
+                )
+            out.searches.append(search)
+            out.echoed.append(search)
         elif kind in OPENAI_BUILT_IN_TOOLS:
             out.left_out.append(LeftOut(param, str(kind)))
         else:
@@ -350,6 +375,8 @@ def chat_tool_choice(
     if choice is None:
         return None, "auto"
     if isinstance(choice, str):
+        if choice == "required" and not tools.tools and tools.searches:
+            return None, "required"  # the search is the tool; it always runs
         if choice == "required" and not tools.tools and tools.left_out:
             raise refuse_required(tools.left_out, "tool_choice")
         return choice, choice
@@ -361,6 +388,8 @@ def chat_tool_choice(
         return NamedToolChoice(type="function", function=NamedFunction(flat)), ToolChoiceFunction(
             name
         )
+    if kind == "file_search" and tools.searches:
+        return ("none" if tools.tools else None), "required"
     if kind in OPENAI_BUILT_IN_TOOLS:
         raise refuse_forced(str(kind), "tool_choice")
     raise UnsupportedParameter(
@@ -409,6 +438,10 @@ class Bridged:
     """Flat tool name -> (namespace, name): how the model's calls are named in the output."""
     left_out: list[LeftOut]
     """Built-in tools the model does not see."""
+    file_search: FileSearchTool | None = None
+    """The `file_search` tool, run before the model answers."""
+    include_results: bool = False
+    """`include` asks for `file_search_call.results`."""
 
 
 def bridge_request(req: CreateResponse) -> Bridged:
@@ -430,7 +463,7 @@ def bridge_request(req: CreateResponse) -> Bridged:
         top_p=req.top_p,
         tools=tools or None,
         # With every tool left out, a tool_choice would reach the backend without tools.
-        tool_choice=None if offered.left_out and not tools else tool_choice,
+        tool_choice=None if (offered.left_out or offered.searches) and not tools else tool_choice,
         # OpenAI's chat API refuses parallel_tool_calls without tools; upstreams may too.
         parallel_tool_calls=req.parallel_tool_calls if tools else None,
     )
@@ -453,7 +486,14 @@ def bridge_request(req: CreateResponse) -> Bridged:
         user=req.user if req.user is not None else msgspec.UNSET,
         metadata=req.metadata or {},
     )
-    return Bridged(chat=chat, shell=shell, namespaced=offered.namespaced, left_out=offered.left_out)
+    return Bridged(
+        chat=chat,
+        shell=shell,
+        namespaced=offered.namespaced,
+        left_out=offered.left_out,
+        file_search=offered.searches[0] if offered.searches else None,
+        include_results="file_search_call.results" in (req.include or []),
+    )
 
 
 def response_usage(usage: Usage) -> ResponseUsage:
@@ -545,16 +585,87 @@ def _output_items(choice: ChatChoice, namespaced: dict[str, tuple[str, str]]) ->
     return items
 
 
+@dataclass(frozen=True, slots=True)
+class Grounding:
+    """What a grounded response adds around the model's message: the file search it ran (the
+    `file_search` tool) and the passages the model was given, cited in its text."""
+
+    passages: list[Result]
+    search: FileSearchCallItem | None = None
+
+
+_MARKER = re.compile(r"\[(\d{1,3})\]")
+
+
+def file_search_item(query: str, results: list[Result], *, include: bool) -> FileSearchCallItem:
+    """The `file_search_call` output item (with its hits when `include` asks for them)."""
+    return FileSearchCallItem(
+        id=new_id("fs"),
+        status="completed",
+        queries=[query],
+        results=[
+            FileSearchResult(
+                file_id=r.file_id,
+                filename=r.filename,
+                score=r.score,
+                text=r.text,
+                attributes=dict(r.attributes),
+            )
+            for r in results
+        ]
+        if include
+        else None,
+    )
+
+
+def citations(text: str, passages: list[Result]) -> list[FileCitation]:
+    """File citations of an answer: where it cites passage [n], a citation of its file there;
+    a file given but never cited by number is cited once at the end."""
+    found: list[FileCitation] = []
+    cited: set[str] = set()
+    for match in _MARKER.finditer(text):
+        number = int(match.group(1))
+        if 1 <= number <= len(passages):
+            passage = passages[number - 1]
+            found.append(
+                FileCitation(file_id=passage.file_id, filename=passage.filename, index=match.end())
+            )
+            cited.add(passage.file_id)
+    for passage in passages:
+        if passage.file_id not in cited:
+            cited.add(passage.file_id)
+            found.append(
+                FileCitation(file_id=passage.file_id, filename=passage.filename, index=len(text))
+            )
+    return found
+
+
+def _cite(items: list[OutputItem], passages: list[Result]) -> list[OutputItem]:
+    for i, item in enumerate(items):
+        if isinstance(item, MessageItem) and item.content:
+            first = item.content[0]
+            if isinstance(first, OutputText):
+                cited = OutputText(text=first.text, annotations=citations(first.text, passages))
+                items[i] = msgspec.structs.replace(item, content=[cited, *item.content[1:]])
+            break
+    return items
+
+
 def bridge_response(
     completion: ChatCompletion,
     shell: ResponseObject,
     namespaced: dict[str, tuple[str, str]] | None = None,
+    grounding: Grounding | None = None,
 ) -> ResponseObject:
     """A chat completion as the response to a Responses request (`Bridged.namespaced` names
-    the calls of namespaced functions)."""
+    the calls of namespaced functions; `grounding` adds the file search and citations)."""
     choice = completion.choices[0]
     usage = completion.usage if isinstance(completion.usage, Usage) else None
     output = _output_items(choice, namespaced or {})
+    if grounding is not None:
+        output = _cite(output, grounding.passages)
+        if grounding.search is not None:
+            output.insert(0, grounding.search)
     return _finished(shell, completion.model, output, choice.finish_reason, usage)
 
 
@@ -585,10 +696,15 @@ class ResponseStream:
     """
 
     def __init__(
-        self, shell: ResponseObject, namespaced: dict[str, tuple[str, str]] | None = None
+        self,
+        shell: ResponseObject,
+        namespaced: dict[str, tuple[str, str]] | None = None,
+        grounding: Grounding | None = None,
     ) -> None:
         self._shell = shell
         self._namespaced = namespaced or {}
+        self._grounding = grounding
+        self._cited = False
         self._sequence = 0
         self._output: list[OutputItem] = []
         self._open: _OpenItem | None = None
@@ -605,10 +721,23 @@ class ResponseStream:
         """`response.created` and `response.in_progress`, for the model that answers."""
         if model is not None:
             self._shell = msgspec.structs.replace(self._shell, model=model)
-        return [
-            self._number(ResponseCreated(response=self._shell)),
-            self._number(ResponseInProgress(response=self._shell)),
+        events: list[StreamEvent] = [
+            ResponseCreated(response=self._shell),
+            ResponseInProgress(response=self._shell),
         ]
+        search = self._grounding.search if self._grounding else None
+        if search is not None:  # run before the model started; told in OpenAI's order
+            index, item_id = len(self._output), search.id
+            running = msgspec.structs.replace(search, status="in_progress", results=None)
+            events += [
+                OutputItemAdded(output_index=index, item=running),
+                FileSearchInProgress(item_id=item_id, output_index=index),
+                FileSearchSearching(item_id=item_id, output_index=index),
+                FileSearchCompleted(item_id=item_id, output_index=index),
+                OutputItemDone(output_index=index, item=search),
+            ]
+            self._output.append(search)
+        return [self._number(event) for event in events]
 
     def feed(self, chunk: ChatCompletionChunk) -> list[StreamEvent]:
         """The events one chat chunk makes (none for role-only or empty deltas)."""
@@ -749,9 +878,23 @@ class ResponseStream:
         done: OutputItem
         events: list[StreamEvent]
         if item.kind == "message":
-            part = OutputText(text=text)
+            cited: list[FileCitation] = []
+            if self._grounding is not None and not self._cited:
+                self._cited = True
+                cited = citations(text, self._grounding.passages)
+            part = OutputText(text=text, annotations=list(cited))
             done = MessageItem(id=item.id, status=status, content=[part])
             events = [
+                *(
+                    OutputTextAnnotationAdded(
+                        item_id=item.id,
+                        output_index=index,
+                        content_index=0,
+                        annotation_index=n,
+                        annotation=citation,
+                    )
+                    for n, citation in enumerate(cited)
+                ),
                 OutputTextDone(item_id=item.id, output_index=index, content_index=0, text=text),
                 ContentPartDone(item_id=item.id, output_index=index, content_index=0, part=part),
             ]

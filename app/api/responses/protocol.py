@@ -175,7 +175,34 @@ class ReasoningItem(Struct, tag_field="type", tag="reasoning", kw_only=True):
     status: ItemStatus
 
 
-OutputItem = MessageItem | FunctionCallItem | ReasoningItem
+class FileSearchResult(Struct, kw_only=True):
+    """A hit of a file search, in the output when `include` asks for it."""
+
+    file_id: str
+    filename: str
+    score: float
+    text: str
+    attributes: dict[str, Any]
+
+
+class FileSearchCallItem(Struct, tag_field="type", tag="file_search_call", kw_only=True):
+    """The gateway's run of the `file_search` tool."""
+
+    id: str
+    status: Literal["in_progress", "searching", "completed", "incomplete", "failed"]
+    queries: list[str]
+    results: list[FileSearchResult] | None = None
+
+
+class FileCitation(Struct, tag_field="type", tag="file_citation", kw_only=True):
+    """An annotation of output text: the file a passage came from."""
+
+    file_id: str
+    filename: str
+    index: int
+
+
+OutputItem = MessageItem | FunctionCallItem | ReasoningItem | FileSearchCallItem
 
 
 class FunctionTool(Struct, tag_field="type", tag="function", kw_only=True):
@@ -193,6 +220,15 @@ class NamespaceTool(Struct, tag_field="type", tag="namespace", kw_only=True):
     name: str
     description: str
     tools: list[FunctionTool]
+
+
+class FileSearchTool(Struct, tag_field="type", tag="file_search", kw_only=True):
+    """The `file_search` tool: run by the gateway over its own vector stores."""
+
+    vector_store_ids: list[str]
+    max_num_results: Annotated[int, Meta(ge=1, le=50)] = 10
+    filters: dict[str, Any] | None = None
+    ranking_options: dict[str, Any] | UnsetType = UNSET
 
 
 class ToolChoiceFunction(Struct, tag_field="type", tag="function"):
@@ -250,7 +286,7 @@ class ResponseObject(Struct, kw_only=True):
     temperature: float | None
     text: TextConfig
     tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction
-    tools: list[FunctionTool | NamespaceTool]
+    tools: list[FunctionTool | NamespaceTool | FileSearchTool]
     top_p: float | None
     truncation: Literal["auto", "disabled"]
     usage: ResponseUsage | UnsetType = UNSET
@@ -427,6 +463,49 @@ class ErrorEvent(Struct, tag_field="type", tag="error", kw_only=True):
     sequence_number: int = 0
 
 
+class FileSearchInProgress(
+    Struct, tag_field="type", tag="response.file_search_call.in_progress", kw_only=True
+):
+    """A file search starts."""
+
+    item_id: str
+    output_index: int
+    sequence_number: int = 0
+
+
+class FileSearchSearching(
+    Struct, tag_field="type", tag="response.file_search_call.searching", kw_only=True
+):
+    """A file search is running."""
+
+    item_id: str
+    output_index: int
+    sequence_number: int = 0
+
+
+class FileSearchCompleted(
+    Struct, tag_field="type", tag="response.file_search_call.completed", kw_only=True
+):
+    """A file search is done."""
+
+    item_id: str
+    output_index: int
+    sequence_number: int = 0
+
+
+class OutputTextAnnotationAdded(
+    Struct, tag_field="type", tag="response.output_text.annotation.added", kw_only=True
+):
+    """An annotation (a file citation) of the text being streamed."""
+
+    item_id: str
+    output_index: int
+    content_index: int
+    annotation_index: int
+    annotation: FileCitation
+    sequence_number: int = 0
+
+
 StreamEvent = (
     ResponseCreated
     | ResponseInProgress
@@ -444,6 +523,10 @@ StreamEvent = (
     | ReasoningSummaryTextDelta
     | ReasoningSummaryTextDone
     | ReasoningSummaryPartDone
+    | FileSearchInProgress
+    | FileSearchSearching
+    | FileSearchCompleted
+    | OutputTextAnnotationAdded
     | ErrorEvent
 )
 """Every event the gateway streams; its tag is both the SSE `event:` name and its `type`."""
