@@ -268,3 +268,28 @@ def test_a_process_killed_while_ingesting_loses_and_duplicates_nothing(workdir: 
     assert {n for _, n in per_file} == {1}  # each file's one chunk, once
     (indexed,) = database.execute("SELECT count(*) FROM chunks_fts").fetchone()
     assert indexed == count
+
+
+def test_answers_validate_against_openais_spec(server: Server, store: str) -> None:
+    from compat_tests.openapi_schema import validate
+
+    auth = {"authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=server.base_url, headers=auth, timeout=120) as http:
+        files = http.get("/files").json()
+        validate("ListFilesResponse", files)
+        validate("OpenAIFile", http.get(f"/files/{files['data'][0]['id']}").json())
+        validate("VectorStoreObject", http.get(f"/vector_stores/{store}").json())
+        validate("ListVectorStoresResponse", http.get("/vector_stores").json())
+        listed = http.get(f"/vector_stores/{store}/files").json()
+        validate("ListVectorStoreFilesResponse", listed)
+        validate("VectorStoreFileObject", listed["data"][0])
+        page = http.post(f"/vector_stores/{store}/search", json={"query": "refund"}).json()
+        validate("VectorStoreSearchResultsPage", page)
+        body = {
+            "model": CHAT,
+            "input": "refunds?",
+            "tools": [{"type": "file_search", "vector_store_ids": [store]}],
+            "include": ["file_search_call.results"],
+            "max_output_tokens": 16,
+        }
+        validate("Response", http.post("/responses", json=body).json())

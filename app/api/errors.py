@@ -82,7 +82,8 @@ def translate(exc: BaseException, *, log_unknown: bool = True) -> WireError:
             message = f"{message}: {exc.extra}"
         if status == 413:
             message = (
-                "request body is larger than the configured limit (model_server.max_body_bytes)"
+                "request body is larger than the configured limit (model_server.max_body_bytes; "
+                "for file uploads, knowledge.max_file_mb)"
             )
         if exc.headers:
             headers.update(exc.headers)

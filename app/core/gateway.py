@@ -334,6 +334,18 @@ class Gateway:
             if isinstance(result, BaseException):
                 log.warning("closing failed: %r", result)
 
+    def ingestion_stats(self) -> dict[str, float] | None:
+        """The knowledge base's ingestion counters, for /metrics (None without one)."""
+        if self.knowledge is None:
+            return None
+        stats = self.knowledge.ingestor.stats
+        return {
+            "files_completed": stats.files_completed,
+            "files_failed": stats.files_failed,
+            "chunks_indexed": stats.chunks_indexed,
+            "seconds": stats.seconds,
+        }
+
     def resolve(self, name: str) -> ServedModel:
         """The model with this id or alias, or 404 model_not_found."""
         served = self.names.get(name)

@@ -34,7 +34,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from prometheus_client import (
@@ -176,6 +176,10 @@ class Watched(Protocol):
     @property
     def audit(self) -> AuditWriter | None: ...
 
+    def ingestion_stats(self) -> Mapping[str, float] | None:
+        """The knowledge base's ingestion counters (None: no knowledge base)."""
+        ...
+
 
 class GatewayCollector(Collector):
     """Reads the gateway's state when scraped: pools, audit writer, requests in flight."""
@@ -196,6 +200,30 @@ class GatewayCollector(Collector):
         yield from self._backends()
         yield from self._engines()
         yield from self._audit()
+        yield from self._ingestion()
+
+    def _ingestion(self) -> Iterator[Metric]:
+        stats = self.gateway.ingestion_stats()
+        if stats is None:
+            return
+        files = CounterMetricFamily(
+            "clawbot_knowledge_files_ingested",
+            "Files this process ingested into vector stores, by outcome.",
+            labels=["outcome"],
+        )
+        files.add_metric(["completed"], stats["files_completed"])
+        files.add_metric(["failed"], stats["files_failed"])
+        yield files
+        yield CounterMetricFamily(
+            "clawbot_knowledge_chunks_indexed",
+            "Chunks embedded and indexed by this process.",
+            value=stats["chunks_indexed"],
+        )
+        yield CounterMetricFamily(
+            "clawbot_knowledge_ingest_seconds",
+            "Seconds spent ingesting files (extract, chunk, embed, index).",
+            value=stats["seconds"],
+        )
 
     def _backends(self) -> Iterator[Metric]:
         labels = ["model", "deployment"]

@@ -9,6 +9,7 @@ from litestar.datastructures import UploadFile
 from litestar.di import NamedDependency
 from litestar.handlers import HTTPRouteHandler
 from litestar.params import FromPath
+from msgspec import UNSET
 
 from app.api.knowledge.common import admitted, page_args, unix
 from app.api.knowledge.protocol import Deleted, FileList, FileObject
@@ -31,7 +32,7 @@ def file_object(record: StoredFile) -> FileObject:
         created_at=unix(record.created_at) or 0,
         filename=record.filename,
         purpose=record.purpose,
-        expires_at=unix(record.expires_at),
+        expires_at=UNSET if record.expires_at is None else unix(record.expires_at) or 0,
     )
 
 

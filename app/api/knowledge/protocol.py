@@ -19,8 +19,7 @@ class FileObject(Struct, kw_only=True):
     filename: str
     purpose: str
     status: Literal["uploaded", "processed", "error"] = "processed"
-    expires_at: int | None = None
-    status_details: str | None = None
+    expires_at: int | UnsetType = UNSET
 
 
 class FileList(Struct, kw_only=True):

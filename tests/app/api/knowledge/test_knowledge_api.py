@@ -334,3 +334,12 @@ async def test_the_quota_per_key_is_413(database_url: str) -> None:
         assert r.status_code == 413
         assert r.json()["error"]["code"] == "storage_quota_exceeded"
         await upload(c, "c.txt", b"x" * 700_000)  # the master key has no quota
+
+
+async def test_ingestion_shows_in_the_metrics(kb: AppClient) -> None:
+    f = await upload(kb, "a.txt", b"some words to index")
+    store = (await kb.post("/v1/vector_stores", json={"file_ids": [f["id"]]}, headers=AUTH)).json()
+    await indexed(kb, store["id"], f["id"])
+    text = (await kb.get("/metrics")).text
+    assert 'clawbot_knowledge_files_ingested_total{outcome="completed"} 1.0' in text
+    assert "clawbot_knowledge_chunks_indexed_total 1.0" in text
