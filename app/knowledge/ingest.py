@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import and_, or_, select, update
 
@@ -134,6 +135,14 @@ class Ingestor:
                 continue
             await self._ingest(*claimed)
 
+    def _mine(self, store_id: str, file_id: str) -> tuple[Any, ...]:
+        """Conditions of a statement on a file this worker holds the claim of."""
+        return (
+            VectorStoreFile.store_id == store_id,
+            VectorStoreFile.file_id == file_id,
+            VectorStoreFile.claimed_by == self.worker_id,
+        )
+
     async def _claim(self) -> tuple[str, str] | None:
         """Claim the oldest free file: (store id, file id), or None when there is none."""
         now = datetime.now(UTC)
@@ -207,11 +216,7 @@ class Ingestor:
             async with self.db.session() as session, session.begin():
                 await session.execute(
                     update(VectorStoreFile)
-                    .where(
-                        VectorStoreFile.store_id == store_id,
-                        VectorStoreFile.file_id == file_id,
-                        VectorStoreFile.claimed_by == self.worker_id,
-                    )
+                    .where(*self._mine(store_id, file_id))
                     .values(
                         lease_until=datetime.now(UTC) + timedelta(seconds=self.settings.lease_s)
                     )
@@ -222,11 +227,7 @@ class Ingestor:
         async with self.db.session() as session, session.begin():
             await session.execute(
                 update(VectorStoreFile)
-                .where(
-                    VectorStoreFile.store_id == store_id,
-                    VectorStoreFile.file_id == file_id,
-                    VectorStoreFile.claimed_by == self.worker_id,
-                )
+                .where(*self._mine(store_id, file_id))
                 .values(claimed_by=None, lease_until=None, attempts=VectorStoreFile.attempts - 1)
             )
         log.info("file %s in %s: handed back (stopping)", file_id, store_id)
@@ -302,11 +303,7 @@ class Ingestor:
             async with self.db.session() as session, session.begin():
                 await session.execute(
                     update(VectorStoreFile)
-                    .where(
-                        VectorStoreFile.store_id == store_id,
-                        VectorStoreFile.file_id == file_id,
-                        VectorStoreFile.claimed_by == self.worker_id,
-                    )
+                    .where(*self._mine(store_id, file_id))
                     .values(
                         claimed_by=None,
                         lease_until=datetime.now(UTC) + timedelta(seconds=2 * row.attempts),

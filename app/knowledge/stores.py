@@ -306,10 +306,7 @@ class Stores:
         """A file of a store; 404 when either is not the caller's."""
         async with self.db.session() as session:
             await visible_store(session, principal, store_id)
-            row = await session.get(VectorStoreFile, (store_id, file_id))
-        if row is None:
-            raise NotFound(f"vector store {store_id!r} has no file {file_id!r}", param="file_id")
-        return row
+            return await store_file(session, store_id, file_id)
 
     async def update_file(
         self, principal: Principal, store_id: str, file_id: str, attributes: dict[str, Any] | None
@@ -318,11 +315,7 @@ class Stores:
         check_attributes(attributes)
         async with self.db.session() as session, session.begin():
             await visible_store(session, principal, store_id)
-            row = await session.get(VectorStoreFile, (store_id, file_id))
-            if row is None:
-                raise NotFound(
-                    f"vector store {store_id!r} has no file {file_id!r}", param="file_id"
-                )
+            row = await store_file(session, store_id, file_id)
             row.attributes = attributes or {}
         return row
 
@@ -332,11 +325,7 @@ class Stores:
         """Take a file out of a store (its chunks go; the file stays)."""
         async with self.db.session() as session, session.begin():
             await visible_store(session, principal, store_id)
-            row = await session.get(VectorStoreFile, (store_id, file_id))
-            if row is None:
-                raise NotFound(
-                    f"vector store {store_id!r} has no file {file_id!r}", param="file_id"
-                )
+            row = await store_file(session, store_id, file_id)
             await delete_chunks(session, store_id, file_id, sqlite=sqlite)
             await session.delete(row)
 
@@ -428,6 +417,14 @@ class Stores:
                 .values(status="cancelled", claimed_by=None, lease_until=None)
             )
         return await self.batch(principal, store_id, batch_id)
+
+
+async def store_file(session: AsyncSession, store_id: str, file_id: str) -> VectorStoreFile:
+    """A file of a store (already checked visible); 404 when it is not in it."""
+    row = await session.get(VectorStoreFile, (store_id, file_id))
+    if row is None:
+        raise NotFound(f"vector store {store_id!r} has no file {file_id!r}", param="file_id")
+    return row
 
 
 async def visible_store(session: AsyncSession, principal: Principal, store_id: str) -> VectorStore:
