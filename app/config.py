@@ -207,8 +207,6 @@ class KnowledgeSettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only
     the embedded embedding model reads 256 word pieces at most."""
     chunk_overlap_tokens: Annotated[int, Meta(ge=0, le=2048)] = 64
     """Overlap of the `auto` chunking strategy."""
-    rerank_model: str = ""
-    """Model serving `/v1/rerank` that reorders fused hits before they are returned; unset: none."""
     lease_s: Annotated[float, Meta(gt=0)] = 60.0
     """A file being ingested is claimed for this long (renewed while it runs): a process that
     dies mid-file leaves it to be picked up again once the lease runs out."""

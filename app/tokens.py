@@ -40,10 +40,14 @@ def count_tokens(text: str) -> int:
     return len(cl100k().encode_ordinary(text))
 
 
+def estimate_chat_prompt(req: ChatCompletionRequest) -> int:
+    """Prompt tokens (cl100k, a few per message for the template)."""
+    return sum(count_tokens(m.text()) + 4 for m in req.messages) + 3
+
+
 def estimate_chat(req: ChatCompletionRequest) -> int:
-    """Prompt tokens (cl100k, a few per message for the template) plus the completion cap."""
-    prompt = sum(count_tokens(m.text()) + 4 for m in req.messages) + 3
-    return prompt + (req.max_completion_tokens or req.max_tokens or 0)
+    """Prompt tokens plus the completion cap."""
+    return estimate_chat_prompt(req) + (req.max_completion_tokens or req.max_tokens or 0)
 
 
 def estimate_completion(req: CompletionRequest) -> int:

@@ -150,7 +150,7 @@ async def latency(url: str, label: str, n: int, dims: int, queries: int) -> list
     async def embed(model: str, text: str) -> list[float]:
         return list(rng.standard_normal(dims).astype(np.float32))
 
-    searcher = Searcher(db, stores, cache, embed, None, "")
+    searcher = Searcher(db, stores, cache, embed)
     # Query words are content words (vocabulary ranks 100 and up): the most frequent words of
     # a Zipf text play the part of stop words, which queries leave out.
     texts = [" ".join(rng.choice(vocab[100:], size=4)) for _ in range(queries)]

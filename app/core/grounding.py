@@ -20,7 +20,7 @@ from app.errors import InvalidRequest
 from app.knowledge.records import Principal
 from app.knowledge.search import Query, Result
 from app.protocol import ChatCompletionRequest, ChatMessage
-from app.tokens import count_tokens
+from app.tokens import count_tokens, estimate_chat_prompt
 
 SOURCES_HEADER = "x-clawbot-sources"
 """Names the files an answer was grounded in: `file_id;filename` pairs joined by `, `."""
@@ -41,7 +41,6 @@ class Grounded:
     req: ChatCompletionRequest
     results: list[Result]
     """The passages the model was given, in their numbered order."""
-    query: str
 
 
 def question_of(messages: Sequence[ChatMessage]) -> str:
@@ -98,8 +97,7 @@ def prompt_budget(call: Call, req: ChatCompletionRequest) -> int | None:
         or call.model.config.params.max_tokens
         or ANSWER_ROOM
     )
-    conversation = sum(count_tokens(m.text()) + 4 for m in req.messages) + 3
-    return max(0, window - answer - conversation - 16)
+    return max(0, window - answer - estimate_chat_prompt(req) - 16)
 
 
 async def search(
@@ -154,7 +152,7 @@ async def ground(gateway: Gateway, call: Call, req: ChatCompletionRequest) -> Gr
     )
     if given:
         call.exchange.response_headers[SOURCES_HEADER] = sources_header(given)
-    return Grounded(req=grounded, results=given, query=question)
+    return Grounded(req=grounded, results=given)
 
 
 def sources_header(results: Sequence[Result]) -> str:

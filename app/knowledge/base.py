@@ -10,7 +10,7 @@ from app.knowledge.extract import Extractor
 from app.knowledge.files import Files
 from app.knowledge.index import VectorCache
 from app.knowledge.ingest import Embed, Ingestor
-from app.knowledge.search import Rerank, Searcher
+from app.knowledge.search import Searcher
 from app.knowledge.stores import Stores
 from app.ledger.storage.database import Database
 
@@ -25,7 +25,6 @@ class KnowledgeBase:
         *,
         embed: Embed,
         embedding_model: Callable[[], str],
-        rerank: Rerank | None = None,
         extractor: Extractor | None = None,
         blobs: BlobStore | None = None,
     ) -> None:
@@ -41,9 +40,7 @@ class KnowledgeBase:
             (vector,) = await embed(model, [text])
             return vector
 
-        self.searcher = Searcher(
-            db, self.stores, self.cache, embed_query, rerank, settings.rerank_model
-        )
+        self.searcher = Searcher(db, self.stores, self.cache, embed_query)
 
     @property
     def sqlite(self) -> bool:

@@ -1,5 +1,5 @@
 """A search over one or more vector stores: full text and vectors per store, fused, filtered,
-optionally reranked, cut at a score threshold."""
+cut at a score threshold."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from sqlalchemy import select
 
 from app.errors import InvalidRequest
 from app.knowledge.index import (
-    Hit,
     VectorCache,
     load_hits,
     reciprocal_rank_fusion,
@@ -23,9 +22,6 @@ from app.knowledge.records import Principal, check_filter, matches
 from app.knowledge.schema import StoredFile, VectorStore, VectorStoreFile
 from app.knowledge.stores import Stores, StoreView
 from app.ledger.storage.database import Database
-
-Rerank = Callable[[str, str, list[str]], Awaitable[list[float]]]
-"""Scores documents against a query with a model (by id), in input order."""
 
 EmbedQuery = Callable[[str, str], Awaitable[list[float]]]
 """Embeds one query with a model (by id)."""
@@ -39,8 +35,6 @@ class Query:
     max_num_results: int = 10
     filters: Mapping[str, Any] | None = None
     score_threshold: float = 0.0
-    rerank: bool = True
-    """Through `knowledge.rerank_model`, when one is configured (`ranker: none` turns it off)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,15 +60,11 @@ class Searcher:
         stores: Stores,
         cache: VectorCache,
         embed_query: EmbedQuery,
-        rerank: Rerank | None,
-        rerank_model: str,
     ) -> None:
         self.db = db
         self.stores = stores
         self.cache = cache
         self.embed_query = embed_query
-        self.rerank = rerank
-        self.rerank_model = rerank_model
 
     async def search(
         self, principal: Principal, store_ids: Sequence[str], query: Query
@@ -106,8 +96,6 @@ class Searcher:
             files = await self._file_facts(
                 session, {(stores_of[h.chunk_id], h.file_id) for h in hits}
             )
-        if self.rerank is not None and self.rerank_model and query.rerank and hits:
-            hits = await self._reranked(query.text, hits)
         results = [
             Result(
                 store_id=stores_of[h.chunk_id],
@@ -187,12 +175,3 @@ class Searcher:
         for pair in pairs:
             facts[pair] = (names.get(pair[1], pair[1]), attributes.get(pair, {}))
         return facts
-
-    async def _reranked(self, query: str, hits: list[Hit]) -> list[Hit]:
-        assert self.rerank is not None
-        scores = await self.rerank(self.rerank_model, query, [h.text for h in hits])
-        ranked = sorted(zip(scores, hits, strict=True), key=lambda p: -p[0])
-        return [
-            Hit(chunk_id=h.chunk_id, file_id=h.file_id, text=h.text, score=float(s), page=h.page)
-            for s, h in ranked
-        ]

@@ -9,7 +9,7 @@ from litestar import Request
 
 from app.api.scope import arrival_of
 from app.core.gateway import Gateway
-from app.errors import NotFound
+from app.errors import InvalidRequest, NotFound
 from app.knowledge.base import KnowledgeBase
 from app.knowledge.records import Principal
 
@@ -33,8 +33,6 @@ def unix(at: datetime | None) -> int | None:
 
 def page_args(request: Request[Any, Any, Any], *, default_limit: int = 20) -> dict[str, Any]:
     """`limit`, `order`, `after` and `before` from the query string (400 on a bad limit)."""
-    from app.errors import InvalidRequest
-
     query = request.query_params
     raw = query.get("limit")
     try:
