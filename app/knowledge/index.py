@@ -252,7 +252,7 @@ async def text_ranking(
     params: dict[str, object] = {"store": store_id, "limit": limit}
     if sqlite:
         quoted = " OR ".join('"' + w.replace('"', '""') + '"' for w in words)
-        params["match"] = f'store : "{store_id}" AND ({quoted})'
+        params["match"] = f'store : "{_store_token(store_id)}" AND ({quoted})'
         if file_list is None:
             sql = (
                 "SELECT rowid, bm25(chunks_fts, 0.0, 1.0) AS rank FROM chunks_fts "
@@ -282,6 +282,13 @@ async def text_ranking(
     )
     rows = (await session.execute(text(sql), params)).all()
     return [(int(r[0]), float(r[1])) for r in rows]
+
+
+def _store_token(store_id: str) -> str:
+    """The FTS5 token that names a store: `vs_<hex>` is indexed as `vs` and `<hex>`, and a
+    phrase of both is checked position by position against every chunk of every store (32 of
+    40 ms at 100k chunks); the hex alone is one posting list, and as unique as the id."""
+    return store_id.rpartition("_")[2]
 
 
 def reciprocal_rank_fusion(

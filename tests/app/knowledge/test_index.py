@@ -1,0 +1,43 @@
+"""The index itself: each store's full-text and vector rankings over the real databases."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from app.config import KnowledgeSettings
+from app.knowledge.chunking import TextChunk
+from app.knowledge.index import VectorCache, text_ranking, vector_ranking, write_chunks
+from app.knowledge.records import Principal
+from app.knowledge.schema import Chunk
+from app.knowledge.stores import NewStore, Stores
+from app.ledger.storage.database import Database
+
+ADMIN = Principal(owner="", sees_all=True)
+
+
+async def test_each_store_ranks_only_its_own_chunks(db: Database) -> None:
+    stores = Stores(db, KnowledgeSettings(), lambda: "embedder", lambda: None)
+    ids = [(await stores.create(ADMIN, NewStore(name=n))).store.id for n in ("a", "b")]
+    texts = ["the warranty covers the battery", "退货需要在三十天内申请"]
+    for n, store_id in enumerate(ids):
+        async with db.session() as session, session.begin():
+            await write_chunks(
+                session,
+                store_id,
+                f"file-{n}",
+                [TextChunk(t, 8, None) for t in texts],
+                [[1.0, float(n), 0.0], [0.0, 1.0, float(n)]],
+                sqlite=db.is_sqlite,
+            )
+    cache = VectorCache(db)
+    for store_id in ids:
+        async with db.session() as session:
+            rows = await session.execute(
+                select(Chunk.id, Chunk.text).where(Chunk.store_id == store_id)
+            )
+            own: dict[int, str] = {r[0]: r[1] for r in rows}
+            for query, expected in (("battery warranty", texts[0]), ("三十天 退货", texts[1])):
+                found = await text_ranking(session, store_id, query, 10, None, sqlite=db.is_sqlite)
+                assert [own.get(c) for c, _ in found] == [expected]
+        near = await vector_ranking(cache, store_id, [1.0, 0.0, 0.0], 10, None)
+        assert {c for c, _ in near} == set(own)
