@@ -210,6 +210,14 @@ class KnowledgeSettings(Struct, frozen=True, forbid_unknown_fields=True, kw_only
     lease_s: Annotated[float, Meta(gt=0)] = 60.0
     """A file being ingested is claimed for this long (renewed while it runs): a process that
     dies mid-file leaves it to be picked up again once the lease runs out."""
+    rerank_model: str = ""
+    """Model (id or alias) that reorders each search's best candidates: one serving /v1/rerank
+    (a cross-encoder behind llama.cpp's server with `--reranking`, vLLM, Infinity), or any that
+    embeds (then by embedding similarity). Unset: no rerank stage; a search's
+    `ranking_options.ranker: "none"` skips it."""
+    rerank_candidates: Annotated[int, Meta(ge=1, le=200)] = 20
+    """How many of the fused candidates the rerank stage scores (more: better recall, and one
+    cross-encoder pass per candidate)."""
 
 
 class SamplingDefaults(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -479,6 +487,9 @@ def _check(config: Config, source: str) -> None:
                 )
         if model.knowledge is not None and not config.knowledge.enabled:
             raise ConfigError(f"{source}: models[{index}].knowledge needs knowledge.enabled")
+    rerank = config.knowledge.rerank_model
+    if rerank and rerank not in seen:
+        raise ConfigError(f"{source}: knowledge.rerank_model: no model is called {rerank!r}")
     networks = {
         "model_server.trusted_proxies": config.model_server.trusted_proxies,
         "policies.ip_allowlist.api": config.policies.ip_allowlist.api,

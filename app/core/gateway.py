@@ -229,7 +229,11 @@ class Gateway:
             else:
                 calls = gateway.model_calls = ModelCalls(config, gateway.names)
                 gateway.knowledge = KnowledgeBase(
-                    db, config.knowledge, embed=calls.embed, embedding_model=calls.embedding_model
+                    db,
+                    config.knowledge,
+                    embed=calls.embed,
+                    embedding_model=calls.embedding_model,
+                    rerank_with=calls.rerank,
                 )
         policies: list[Policy] = []
         if config.policies.ip_allowlist.api:  # before authentication: 403, never 401

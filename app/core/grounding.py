@@ -109,6 +109,7 @@ async def search(
     max_results: int,
     filters: Mapping[str, Any] | None = None,
     score_threshold: float = 0.0,
+    rerank: bool = True,
 ) -> list[Result]:
     """A knowledge-base search on behalf of a request."""
     if gateway.knowledge is None:
@@ -124,6 +125,7 @@ async def search(
             max_num_results=max_results,
             filters=filters,
             score_threshold=score_threshold,
+            rerank=rerank,
         ),
     )
 

@@ -1,21 +1,23 @@
-"""What the knowledge base asks of the served models: embeddings of chunks and queries.
+"""What the knowledge base asks of the served models: embeddings of chunks and queries, and
+relevance scores for the rerank stage.
 
 The knowledge room sits beside routing, not above it, so the gateway hands it `ModelCalls`.
-Embeddings go through the model's pool (failover between its deployments, cooldowns) but
-never to a fallback model: a store's vectors and its queries' must come from the same model.
+Both go through the model's pool (failover between its deployments, cooldowns) but never to
+a fallback model: a store's vectors and its queries' must come from the same model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from app.config import Config, ConfigError, ModelConfig
 from app.core.params import prepare_embedding
-from app.errors import ModelNotFound
-from app.protocol import EmbeddingRequest
+from app.core.rerank import prepare_rerank, score
+from app.errors import ModelNotFound, UpstreamError
+from app.protocol import EmbeddingRequest, RerankRequest
 from app.routing.pool import Pool
-from backends.base import Capabilities
+from backends.base import Backend, Capabilities
 
 
 class Served(Protocol):
@@ -29,6 +31,9 @@ class Served(Protocol):
 
     @property
     def pool(self) -> Pool: ...
+
+    @property
+    def backends(self) -> Sequence[Backend]: ...
 
 
 def embedding_model_of(config: Config) -> str:
@@ -48,7 +53,8 @@ def embedding_model_of(config: Config) -> str:
 
 
 class ModelCalls:
-    """Embeddings through the running gateway's models (a reload points it at the new ones)."""
+    """Embeddings and rerank scores through the running gateway's models (a reload points it
+    at the new ones)."""
 
     def __init__(self, config: Config, models: Mapping[str, Served]) -> None:
         self.config = config
@@ -78,3 +84,17 @@ class ModelCalls:
         result = await served.pool.call(lambda d: d.backend.embed(req))
         ordered = sorted(result.data, key=lambda e: e.index)
         return [e.embedding for e in ordered if isinstance(e.embedding, list)]
+
+    async def rerank(self, model: str, query: str, texts: Sequence[str]) -> list[float]:
+        """How relevant each of `texts` is to `query`, by `model`, in order."""
+        served = self.models.get(model)
+        if served is None:
+            raise ModelNotFound(f"the rerank model {model!r} is no longer served", param="model")
+        req = prepare_rerank(
+            RerankRequest(model=served.config.id, query=query, documents=list(texts)), served
+        )
+        answer = await served.pool.call(lambda d: score(d.backend, req))
+        scores = {r.index: r.relevance_score for r in answer.results}
+        if sorted(scores) != list(range(len(texts))):
+            raise UpstreamError(f"model {model}: the rerank answer does not score every document")
+        return [scores[i] for i in range(len(texts))]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 
 from app.config import KnowledgeSettings
 from app.knowledge.blobs import BlobStore, open_blobs
@@ -10,9 +11,12 @@ from app.knowledge.extract import Extractor
 from app.knowledge.files import Files
 from app.knowledge.index import VectorCache
 from app.knowledge.ingest import Embed, Ingestor
-from app.knowledge.search import Searcher
+from app.knowledge.search import Rerank, Searcher
 from app.knowledge.stores import Stores
 from app.ledger.storage.database import Database
+
+RerankWith = Callable[[str, str, Sequence[str]], Awaitable[list[float]]]
+"""Scores texts against a query with a model (by name): `ModelCalls.rerank`."""
 
 
 class KnowledgeBase:
@@ -25,6 +29,7 @@ class KnowledgeBase:
         *,
         embed: Embed,
         embedding_model: Callable[[], str],
+        rerank_with: RerankWith | None = None,
         extractor: Extractor | None = None,
         blobs: BlobStore | None = None,
     ) -> None:
@@ -40,7 +45,12 @@ class KnowledgeBase:
             (vector,) = await embed(model, [text])
             return vector
 
-        self.searcher = Searcher(db, self.stores, self.cache, embed_query)
+        rerank: Rerank | None = None
+        if settings.rerank_model and rerank_with is not None:
+            rerank = partial(rerank_with, settings.rerank_model)
+        self.searcher = Searcher(
+            db, self.stores, self.cache, embed_query, rerank, settings.rerank_candidates
+        )
 
     @property
     def sqlite(self) -> bool:

@@ -1,16 +1,17 @@
 """A search over one or more vector stores: full text and vectors per store, fused, filtered,
-cut at a score threshold."""
+reranked when a rerank model is configured, cut at a score threshold."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import select
 
-from app.errors import InvalidRequest
+from app.errors import ClientClosedRequest, GatewayError, InvalidRequest
 from app.knowledge.index import (
     VectorCache,
     load_hits,
@@ -26,6 +27,11 @@ from app.ledger.storage.database import Database
 EmbedQuery = Callable[[str, str], Awaitable[list[float]]]
 """Embeds one query with a model (by id)."""
 
+Rerank = Callable[[str, Sequence[str]], Awaitable[list[float]]]
+"""Scores texts against a query (the rerank model's relevance, in the texts' order)."""
+
+log = logging.getLogger("clawbot.knowledge")
+
 
 @dataclass(frozen=True, slots=True)
 class Query:
@@ -35,6 +41,8 @@ class Query:
     max_num_results: int = 10
     filters: Mapping[str, Any] | None = None
     score_threshold: float = 0.0
+    rerank: bool = True
+    """Run the rerank stage, where one is configured (`ranking_options.ranker: "none"`: no)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,11 +68,15 @@ class Searcher:
         stores: Stores,
         cache: VectorCache,
         embed_query: EmbedQuery,
+        rerank: Rerank | None = None,
+        rerank_candidates: int = 20,
     ) -> None:
         self.db = db
         self.stores = stores
         self.cache = cache
         self.embed_query = embed_query
+        self.rerank = rerank
+        self.rerank_candidates = rerank_candidates
 
     async def search(
         self, principal: Principal, store_ids: Sequence[str], query: Query
@@ -108,11 +120,30 @@ class Searcher:
                 chunk_id=h.chunk_id,
             )
             for h in hits
-            if h.score >= query.score_threshold
         ]
+        if query.rerank and self.rerank is not None:
+            results = await self._reranked(query, results)
+        results = [r for r in results if r.score >= query.score_threshold]
         for view in views:
             await self.stores.touch(view.store)
         return results[: query.max_num_results]
+
+    async def _reranked(self, query: Query, results: list[Result]) -> list[Result]:
+        """The best fused candidates in the rerank model's order, scored by it. Should the model
+        fail, the fused order stands (logged): a search answers without its rerank stage."""
+        assert self.rerank is not None
+        head = results[: max(self.rerank_candidates, query.max_num_results)]
+        if not head:
+            return head
+        try:
+            scores = await self.rerank(query.text, [r.text for r in head])
+        except ClientClosedRequest:
+            raise
+        except GatewayError as exc:
+            log.warning("rerank failed, results keep the fused order: %s", exc.message)
+            return results
+        scored = [replace(r, score=round(s, 6)) for r, s in zip(head, scores, strict=True)]
+        return sorted(scored, key=lambda r: -r.score)
 
     async def _store_ranking(
         self, view: StoreView, query: Query, depth: int, vectors: dict[str, list[float]]

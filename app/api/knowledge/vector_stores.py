@@ -201,6 +201,7 @@ async def search_store(
             max_num_results=body.max_num_results,
             filters=body.filters,
             score_threshold=options.score_threshold if options else 0.0,
+            rerank=options is None or options.ranker != "none",
         ),
     )
     return json_response(

@@ -71,6 +71,7 @@ async def create_response(
                 max_results=tool.max_num_results,
                 filters=tool.filters,
                 score_threshold=threshold if isinstance(threshold, int | float) else 0.0,
+                rerank=options.get("ranker") != "none",
             )
             if query
             else []
