@@ -62,16 +62,18 @@ def with_passages(
     *,
     system_prompt: str = "",
     budget: int | None = None,
+    first: int = 1,
 ) -> tuple[ChatCompletionRequest, list[Result]]:
     """`req` with a leading system message: the system prompt, then the passages that fit in
-    `budget` tokens (best first). Returns the request and the passages given."""
+    `budget` tokens (best first), numbered from `first` (after passages the request already
+    carries). Returns the request and the passages given."""
     parts = [system_prompt.strip()] if system_prompt.strip() else []
     given: list[Result] = []
     if results:
         used = count_tokens("\n\n".join([*parts, _INSTRUCTION]))
         passages = []
         for result in results:
-            text = _passage(len(given) + 1, result)
+            text = _passage(first + len(given), result)
             cost = count_tokens(text) + 2
             if budget is not None and used + cost > budget:
                 break

@@ -76,8 +76,11 @@ async def create_response(
             if query
             else []
         )
-        chat, given = with_passages(chat, results, budget=prompt_budget(call, chat))
-        passages = [*(grounding.passages if grounding else []), *given]
+        bound = grounding.passages if grounding else []
+        chat, given = with_passages(
+            chat, results, budget=prompt_budget(call, chat), first=len(bound) + 1
+        )
+        passages = [*bound, *given]
         item = file_search_item(query, results, include=bridged.include_results)
         grounding = Grounding(passages=passages, search=item)
         if passages:

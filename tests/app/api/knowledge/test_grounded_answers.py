@@ -170,6 +170,20 @@ async def test_file_search_runs_on_the_gateway_and_cites_its_files(
     assert again["output"][0]["results"] is None
 
 
+async def test_file_search_on_a_knowledge_bound_model_numbers_on_from_its_passages(
+    setup: tuple[AppClient, str],
+) -> None:
+    client, store = setup
+    tool = {"type": "file_search", "vector_store_ids": [store], "max_num_results": 1}
+    body = {"model": "support-bot", "input": "when do orders ship", "tools": [tool]}
+    r = await client.post("/v1/responses", json=body, headers=AUTH)
+    assert r.status_code == 200, r.text
+    text = r.json()["output"][1]["content"][0]["text"]
+    # the model's own passage is [1]; the tool's go on from [2], so a citation names one source
+    assert text.count("[1] ") == 1
+    assert "[2] shipping.md" in text
+
+
 async def test_file_search_streams_openais_events(setup: tuple[AppClient, str]) -> None:
     client, store = setup
     body = {
