@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import aclosing
 from typing import Any
 
 import msgspec
@@ -73,12 +74,25 @@ async def generate(
 ) -> Response[bytes] | Stream:
     """Serve a generation as OpenAI's SSE or JSON; usage reaches the client only if it asked
     for it. `extension` adds top-level fields of this gateway's own to a JSON answer (the
-    sources of a grounded answer); a stream has them in headers instead."""
+    sources of a grounded answer), and to a stream's first chunk."""
     if req.stream:
         asked = bool(req.stream_options and req.stream_options.include_usage)
         items = routed_stream(gateway, call, req, prepare=prepare, stream=stream)
-        return await sse_response(observed(items, call.exchange, strip_usage=not asked))
+        chunks = observed(items, call.exchange, strip_usage=not asked)
+        return await sse_response(_first_with(chunks, extension) if extension else chunks)
     result = await routed_answer(gateway, call, req, prepare=prepare, answer=answer)
     if extension:
         return json_response({**msgspec.to_builtins(result), **extension})
     return json_response(result)
+
+
+async def _first_with(chunks: AsyncIterator[Any], fields: Mapping[str, Any]) -> AsyncIterator[Any]:
+    """`chunks` with `fields` added to the first (a backend's own JSON, `Raw`, included)."""
+    async with aclosing(chunks):  # type: ignore[type-var]
+        first = True
+        async for chunk in chunks:
+            if first:
+                first = False
+                body = msgspec.json.decode(chunk) if isinstance(chunk, msgspec.Raw) else chunk
+                chunk = {**msgspec.to_builtins(body), **fields}
+            yield chunk

@@ -93,7 +93,7 @@ async def test_a_knowledge_bound_model_answers_from_its_store_on_chat(
     assert "refunds.md" not in r.json()["choices"][0]["message"]["content"]
 
 
-async def test_a_knowledge_bound_model_streams_with_its_sources_in_a_header(
+async def test_a_knowledge_bound_model_streams_with_its_sources_first(
     setup: tuple[AppClient, str],
 ) -> None:
     client, _ = setup
@@ -105,12 +105,12 @@ async def test_a_knowledge_bound_model_streams_with_its_sources_in_a_header(
     r = await client.post("/v1/chat/completions", json=body, headers=AUTH)
     assert r.status_code == 200
     assert r.headers["x-clawbot-sources"].endswith(";shipping.md")
-    deltas = [
-        json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
-        for line in r.text.splitlines()
-        if line.startswith("data: {")
-    ]
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    deltas = [c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]]
     assert "three business days" in "".join(deltas)
+    assert [s["filename"] for s in chunks[0]["sources"]] == ["shipping.md"]
+    assert all("sources" not in c for c in chunks[1:])
+    assert chunks[0]["object"] == "chat.completion.chunk"
 
 
 async def test_a_knowledge_bound_model_is_grounded_on_messages_and_responses(
