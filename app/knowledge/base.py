@@ -9,7 +9,7 @@ from app.config import KnowledgeSettings
 from app.knowledge.blobs import BlobStore, open_blobs
 from app.knowledge.extract import Extractor
 from app.knowledge.files import Files
-from app.knowledge.index import VectorCache
+from app.knowledge.index import StoreCache
 from app.knowledge.ingest import Embed, Ingestor
 from app.knowledge.search import Rerank, Searcher
 from app.knowledge.stores import Stores
@@ -39,7 +39,7 @@ class KnowledgeBase:
         self.files = Files(db, self.blobs, settings)
         self.ingestor = Ingestor(db, self.blobs, settings, embed, extractor)
         self.stores = Stores(db, settings, embedding_model, self.ingestor.wake)
-        self.cache = VectorCache(db)
+        self.cache = StoreCache(db)
 
         async def embed_query(model: str, text: str) -> list[float]:
             (vector,) = await embed(model, [text])
@@ -51,11 +51,6 @@ class KnowledgeBase:
         self.searcher = Searcher(
             db, self.stores, self.cache, embed_query, rerank, settings.rerank_candidates
         )
-
-    @property
-    def sqlite(self) -> bool:
-        """Whether the database is SQLite (its full-text index is a separate table)."""
-        return self.db.is_sqlite
 
     def start(self) -> None:
         """Start ingestion (files left in progress by an earlier run are taken up again)."""

@@ -144,7 +144,7 @@ class Files:
                 param="file_id",
             ) from None
 
-    async def delete(self, principal: Principal, file_id: str, *, sqlite: bool) -> None:
+    async def delete(self, principal: Principal, file_id: str) -> None:
         """Delete a file, and take it out of every vector store holding it."""
         async with self.db.session() as session, session.begin():
             record = await visible_file(session, principal, file_id)
@@ -154,7 +154,7 @@ class Files:
                 )
             )
             for store_id in stores:
-                await delete_chunks(session, store_id, file_id, sqlite=sqlite)
+                await delete_chunks(session, store_id, file_id)
             await session.execute(delete(VectorStoreFile).where(VectorStoreFile.file_id == file_id))
             await session.delete(record)
         await self.blobs.delete(file_id)

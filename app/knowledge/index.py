@@ -1,16 +1,15 @@
-"""Chunks in, hits out: the full-text index, the vectors, and fusing the two.
+"""Chunks in, hits out: each store's chunks as one in-memory index, full text and vectors,
+ranked and fused.
 
-Full text: FTS5's BM25 on SQLite (the `chunks_fts` table); PostgreSQL's `ts_rank` over a GIN
-index of the stored `terms_tsv = to_tsvector('simple', terms)`. Both read `terms`
-(`app.knowledge.text`), so Chinese is searched as bigrams on either.
-
-Vectors: float32 rows of `chunks.embedding`, searched by an exact dot product over a matrix
-each process keeps per store (`VectorCache`). Python's sqlite3 here cannot load extensions
-(sqlite-vec), the PostgreSQL server has no pgvector, and an exact scan of 100k x 384 floats is
-a few milliseconds of BLAS: the same code serves both databases. A store's `generation` and
-`purges` counters say when the cached matrix is stale; chunks added since are read alone.
-The matrix costs 4 bytes x dimensions per chunk (150 MB for 100k MiniLM chunks), which is
-where this stops scaling: beyond a few million chunks per node, use an ANN index.
+Both rankings read what ingestion wrote with each chunk: its `lexicon` (term hashes and
+counts, scored by BM25 in `app.knowledge.lexicon`) and its `embedding` (float32, searched by
+an exact dot product). A store's rows are read once per process into a `StoreIndex` entry
+(`StoreCache`), kept current by the store's `generation` and `purges` counters: chunks added
+since are read alone, a deletion re-reads the store. The same code serves SQLite and
+PostgreSQL (Python's sqlite3 here cannot load sqlite-vec, the PostgreSQL server has no
+pgvector), and ranks the same on both. Memory is where it stops scaling: 4 bytes x dimensions
+per chunk for the vectors (150 MB for 100k MiniLM chunks) and 10 bytes per distinct term of a
+chunk for the postings; beyond a few million chunks per node, use an ANN index.
 """
 
 from __future__ import annotations
@@ -21,27 +20,16 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.knowledge.chunking import TextChunk
+from app.knowledge.lexicon import Segment, appended, bm25, lexicon_bytes, segment
 from app.knowledge.schema import Chunk, VectorStore
-from app.knowledge.text import index_text, query_terms
 from app.ledger.storage.database import Database
 
 RRF_K = 60
 """Reciprocal rank fusion's constant (Cormack et al. 2009; what Elasticsearch and Azure use)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Hit:
-    """A chunk found by a search, with its fused score in [0, 1]."""
-
-    chunk_id: int
-    file_id: str
-    text: str
-    score: float
-    page: int | None
 
 
 def vector_bytes(vector: Sequence[float]) -> bytes:
@@ -57,19 +45,17 @@ async def write_chunks(
     file_id: str,
     chunks: Sequence[TextChunk],
     vectors: Sequence[Sequence[float]],
-    *,
-    sqlite: bool,
 ) -> None:
     """Replace a file's chunks in a store (in the caller's transaction): indexing a file twice
     leaves it indexed once."""
-    await delete_chunks(session, store_id, file_id, sqlite=sqlite)
+    await delete_chunks(session, store_id, file_id)
     rows = [
         Chunk(
             store_id=store_id,
             file_id=file_id,
             seq=seq,
             text=chunk.text,
-            terms=index_text(chunk.text),
+            lexicon=lexicon_bytes(chunk.text),
             tokens=chunk.tokens,
             page=chunk.page,
             embedding=vector_bytes(vector),
@@ -78,11 +64,6 @@ async def write_chunks(
     ]
     session.add_all(rows)
     await session.flush()
-    if sqlite and rows:
-        await session.execute(
-            text("INSERT INTO chunks_fts (rowid, store, terms) VALUES (:id, :store, :terms)"),
-            [{"id": r.id, "store": store_id, "terms": r.terms} for r in rows],
-        )
     await session.execute(
         update(VectorStore)
         .where(VectorStore.id == store_id)
@@ -90,23 +71,14 @@ async def write_chunks(
     )
 
 
-async def delete_chunks(
-    session: AsyncSession, store_id: str, file_id: str | None = None, *, sqlite: bool
-) -> None:
-    """Remove a store's chunks (of one file, or all), index rows included."""
+async def delete_chunks(session: AsyncSession, store_id: str, file_id: str | None = None) -> None:
+    """Remove a store's chunks (of one file, or all)."""
     where = [Chunk.store_id == store_id]
     if file_id is not None:
         where.append(Chunk.file_id == file_id)
-    ids = list(await session.scalars(select(Chunk.id).where(*where)))
-    if not ids:
+    removed = await session.execute(delete(Chunk).where(*where))
+    if not removed.rowcount:  # type: ignore[attr-defined]
         return
-    if sqlite:
-        for at in range(0, len(ids), 500):
-            part = ids[at : at + 500]
-            await session.execute(
-                text(f"DELETE FROM chunks_fts WHERE rowid IN ({','.join(map(str, part))})")
-            )
-    await session.execute(delete(Chunk).where(*where))
     await session.execute(
         update(VectorStore)
         .where(VectorStore.id == store_id)
@@ -115,31 +87,55 @@ async def delete_chunks(
 
 
 @dataclass(slots=True)
-class _Matrix:
+class StoreIndex:
+    """A store's chunks in memory, one row each: ids, files, vectors, postings."""
+
     generation: int
     purges: int
     last_id: int
     ids: np.ndarray  # int64 chunk ids
     files: np.ndarray  # object: file id per row
     vectors: np.ndarray  # float32 [n, d]
+    lengths: np.ndarray  # float32: terms per row
+    segments: list[Segment]
 
     @property
     def nbytes(self) -> int:
-        return int(self.vectors.nbytes + self.ids.nbytes + self.files.nbytes)
+        parts = (self.vectors, self.ids, self.files, self.lengths)
+        return sum(int(x.nbytes) for x in parts) + sum(s.nbytes for s in self.segments)
+
+    def extended(self, fresh: StoreIndex) -> StoreIndex:
+        """This index with `fresh`'s rows after its own."""
+        if not len(fresh.ids):
+            return self
+        return StoreIndex(
+            fresh.generation,
+            fresh.purges,
+            fresh.last_id,
+            np.concatenate([self.ids, fresh.ids]),
+            np.concatenate([self.files, fresh.files]),
+            np.concatenate([self.vectors, fresh.vectors]) if len(self.ids) else fresh.vectors,
+            np.concatenate([self.lengths, fresh.lengths]),
+            appended(self.segments, fresh.segments[0]),
+        )
+
+    def allowed(self, files: Collection[str] | None) -> np.ndarray | None:
+        """A mask of the rows of `files` (None: every row)."""
+        return None if files is None else np.isin(self.files, list(files))
 
 
-class VectorCache:
-    """Each store's vectors as one matrix, kept up to date with the database, least recently
-    used stores dropped beyond `max_bytes`."""
+class StoreCache:
+    """Each store's `StoreIndex`, kept up to date with the database, least recently used
+    stores dropped beyond `max_bytes`."""
 
     def __init__(self, db: Database, max_bytes: int = 2 << 30) -> None:
         self.db = db
         self.max_bytes = max_bytes
-        self._stores: OrderedDict[str, _Matrix] = OrderedDict()
+        self._stores: OrderedDict[str, StoreIndex] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
 
-    async def matrix(self, store_id: str) -> _Matrix:
-        """The store's current matrix (read or brought up to date under a per-store lock)."""
+    async def index(self, store_id: str) -> StoreIndex:
+        """The store's current index (read or brought up to date under a per-store lock)."""
         lock = self._locks.setdefault(store_id, asyncio.Lock())
         async with lock:
             async with self.db.session() as session:
@@ -156,46 +152,53 @@ class VectorCache:
                     self._stores.move_to_end(store_id)
                     return cached
                 if cached is not None and cached.purges == purges:
-                    fresh = await self._read(session, store_id, after=cached.last_id)
-                    cached = _Matrix(
-                        generation,
-                        purges,
-                        max(cached.last_id, fresh.last_id),
-                        np.concatenate([cached.ids, fresh.ids]),
-                        np.concatenate([cached.files, fresh.files]),
-                        np.concatenate([cached.vectors, fresh.vectors])
-                        if len(fresh.ids)
-                        else cached.vectors,
-                    )
+                    fresh = await self._read(session, store_id, cached.last_id, len(cached.ids))
+                    cached = cached.extended(fresh)
+                    cached.generation = generation
                 else:
-                    cached = await self._read(session, store_id, after=0)
+                    cached = await self._read(session, store_id, 0, 0)
                     cached.generation, cached.purges = generation, purges
             self._stores[store_id] = cached
             self._stores.move_to_end(store_id)
             self._evict()
             return cached
 
-    async def _read(self, session: AsyncSession, store_id: str, *, after: int) -> _Matrix:
+    async def _read(
+        self, session: AsyncSession, store_id: str, after: int, first_row: int
+    ) -> StoreIndex:
         rows = (
             await session.execute(
-                select(Chunk.id, Chunk.file_id, Chunk.embedding)
+                select(Chunk.id, Chunk.file_id, Chunk.embedding, Chunk.lexicon)
                 .where(Chunk.store_id == store_id, Chunk.id > after)
                 .order_by(Chunk.id)
             )
         ).all()
         if not rows:
-            return _Matrix(
+            empty = np.zeros(0, np.float32)
+            return StoreIndex(
                 0,
                 0,
                 after,
                 np.zeros(0, np.int64),
                 np.zeros(0, object),
                 np.zeros((0, 0), np.float32),
+                empty,
+                [],
             )
         ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
         files = np.array([r[1] for r in rows], dtype=object)
         vectors = np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4").reshape(len(rows), -1)
-        return _Matrix(0, 0, int(ids[-1]), ids, files, vectors.astype(np.float32, copy=False))
+        postings, lengths = segment([r[3] for r in rows], first_row)
+        return StoreIndex(
+            0,
+            0,
+            int(ids[-1]),
+            ids,
+            files,
+            vectors.astype(np.float32, copy=False),
+            lengths,
+            [postings],
+        )
 
     def _evict(self) -> None:
         total = sum(m.nbytes for m in self._stores.values())
@@ -204,91 +207,43 @@ class VectorCache:
             total -= dropped.nbytes
 
     def forget(self, store_id: str) -> None:
-        """Drop a deleted store's matrix."""
+        """Drop a deleted store's index."""
         self._stores.pop(store_id, None)
         self._locks.pop(store_id, None)
 
 
-async def vector_ranking(
-    cache: VectorCache,
-    store_id: str,
-    query: Sequence[float],
-    limit: int,
-    files: Collection[str] | None,
+def _top(index: StoreIndex, scores: np.ndarray, limit: int) -> list[tuple[int, float]]:
+    """The `limit` best rows by `scores` (those above -inf/0 as given), best first."""
+    k = min(limit, len(scores))
+    if k <= 0:
+        return []
+    top = np.argpartition(scores, len(scores) - k)[len(scores) - k :]
+    top = top[np.argsort(-scores[top], kind="stable")]
+    return [(int(index.ids[i]), float(scores[i])) for i in top]
+
+
+def vector_ranking(
+    index: StoreIndex, query: Sequence[float], limit: int, files: Collection[str] | None
 ) -> list[tuple[int, float]]:
     """The `limit` nearest chunks by cosine similarity: (chunk id, similarity), best first."""
-    matrix = await cache.matrix(store_id)
-    if not len(matrix.ids):
+    if not len(index.ids):
         return []
     q = np.asarray(query, dtype=np.float32)
-    if q.shape[0] != matrix.vectors.shape[1]:
+    if q.shape[0] != index.vectors.shape[1]:
         return []  # a store embedded with another model; its owner is told at search
-    scores = matrix.vectors @ (q / (np.linalg.norm(q) or 1.0))
-    if files is not None:
-        mask = np.isin(matrix.files, list(files))
-        scores = np.where(mask, scores, -np.inf)
-    k = min(limit, len(scores))
-    top = np.argpartition(-scores, k - 1)[:k]
-    top = top[np.argsort(-scores[top])]
-    return [(int(matrix.ids[i]), float(scores[i])) for i in top if np.isfinite(scores[i])]
+    scores = index.vectors @ (q / (np.linalg.norm(q) or 1.0))
+    allowed = index.allowed(files)
+    if allowed is not None:
+        scores = np.where(allowed, scores, -np.inf)
+    return [(c, s) for c, s in _top(index, scores, limit) if np.isfinite(s)]
 
 
-async def text_ranking(
-    session: AsyncSession,
-    store_id: str,
-    query: str,
-    limit: int,
-    files: Collection[str] | None,
-    *,
-    sqlite: bool,
+def text_ranking(
+    index: StoreIndex, query: str, limit: int, files: Collection[str] | None
 ) -> list[tuple[int, float]]:
-    """The `limit` best full-text matches: (chunk id, score), best first."""
-    words = query_terms(query)
-    if not words:
-        return []
-    file_list = sorted(files) if files is not None else None
-    if file_list is not None and not file_list:
-        return []
-    params: dict[str, object] = {"store": store_id, "limit": limit}
-    if sqlite:
-        quoted = " OR ".join('"' + w.replace('"', '""') + '"' for w in words)
-        params["match"] = f'store : "{_store_token(store_id)}" AND ({quoted})'
-        if file_list is None:
-            sql = (
-                "SELECT rowid, bm25(chunks_fts, 0.0, 1.0) AS rank FROM chunks_fts "
-                "WHERE chunks_fts MATCH :match ORDER BY rank LIMIT :limit"
-            )
-        else:
-            names = {f"f{i}": f for i, f in enumerate(file_list)}
-            params.update(names)
-            sql = (
-                "SELECT f.rowid, bm25(chunks_fts, 0.0, 1.0) AS rank FROM chunks_fts f "
-                "JOIN chunks c ON c.id = f.rowid WHERE chunks_fts MATCH :match "
-                f"AND c.file_id IN ({', '.join(':' + n for n in names)}) "
-                "ORDER BY rank LIMIT :limit"
-            )
-        rows = (await session.execute(text(sql), params)).all()
-        return [(int(r[0]), -float(r[1])) for r in rows]
-    params["query"] = " | ".join("'" + w.replace("'", "''") + "'" for w in words)
-    only = ""
-    if file_list is not None:
-        params["files"] = file_list
-        only = "AND file_id = ANY(:files)"
-    sql = (
-        "SELECT id, ts_rank(terms_tsv, q, 1) AS rank "
-        "FROM chunks, to_tsquery('simple', :query) q "
-        f"WHERE store_id = :store AND terms_tsv @@ q {only} "
-        "ORDER BY rank DESC LIMIT :limit"
-    )
-    rows = (await session.execute(text(sql), params)).all()
-    return [(int(r[0]), float(r[1])) for r in rows]
-
-
-def _store_token(store_id: str) -> str:
-    """The FTS5 token that names a store: `vs_<hex>` is indexed as `vs` and `<hex>`, and a
-    phrase of both is checked position by position against every chunk of every store (32 of
-    40 ms at 100k chunks); the hex alone is one posting list, and as unique as the id."""
-    return store_id.rpartition("_")[2]
+    """The `limit` best full-text matches by BM25: (chunk id, score), best first."""
+    scores = bm25(index.segments, index.lengths, query, index.allowed(files))
+    return [(c, s) for c, s in _top(index, scores, limit) if s > 0]
 
 
 def reciprocal_rank_fusion(
@@ -323,26 +278,6 @@ def linear_fusion(
         for chunk_id, score in ranking:
             fused[chunk_id] = fused.get(chunk_id, 0.0) + weight * (score - low) / span
     return sorted(fused.items(), key=lambda p: -p[1])
-
-
-async def load_hits(session: AsyncSession, fused: Sequence[tuple[int, float]]) -> list[Hit]:
-    """The chunks behind fused (id, score) pairs, in that order."""
-    if not fused:
-        return []
-    ids = [c for c, _ in fused]
-    rows = {
-        r.id: r
-        for r in (
-            await session.execute(
-                select(Chunk.id, Chunk.file_id, Chunk.text, Chunk.page).where(Chunk.id.in_(ids))
-            )
-        ).all()
-    }
-    return [
-        Hit(chunk_id=c, file_id=rows[c].file_id, text=rows[c].text, score=s, page=rows[c].page)
-        for c, s in fused
-        if c in rows
-    ]
 
 
 async def count_chunks(session: AsyncSession, store_id: str) -> int:

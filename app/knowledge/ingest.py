@@ -284,9 +284,7 @@ class Ingestor:
             )
             if done.rowcount != 1:  # type: ignore[attr-defined]
                 raise _LostClaim
-            await write_chunks(
-                session, store_id, file_id, chunks, vectors, sqlite=self.db.is_sqlite
-            )
+            await write_chunks(session, store_id, file_id, chunks, vectors)
         return len(chunks)
 
     async def _retry_or_fail(self, store_id: str, file_id: str, code: str, message: str) -> None:

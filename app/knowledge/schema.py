@@ -1,6 +1,6 @@
 """The knowledge base's tables (on the ledger's declarative base: one schema, one migration
-history). `migrations/versions/0002_knowledge.py` creates them, and per dialect the full-text
-index: an FTS5 table on SQLite, a GIN index over `to_tsvector` on PostgreSQL."""
+history). `migrations/versions/0002_knowledge.py` creates them; 0003 gives chunks their
+lexicon in place of the database's own full-text indexes (`app.knowledge.lexicon` says why)."""
 
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ class FileBatch(Base):
 
 
 class Chunk(Base):
-    """A chunk of a file in a store: its text, the text the full-text index reads, its vector."""
+    """A chunk of a file in a store: its text, its terms for full text, its vector."""
 
     __tablename__ = "chunks"
     __table_args__ = (Index("ix_chunks_store_file", "store_id", "file_id", "seq"),)
@@ -127,8 +127,8 @@ class Chunk(Base):
     file_id: Mapped[str] = mapped_column(String(40))
     seq: Mapped[int] = mapped_column(Integer)
     text: Mapped[str] = mapped_column(Text)
-    terms: Mapped[str] = mapped_column(Text)
-    """`app.knowledge.text.index_text` of `text`: words, and CJK as overlapping bigrams."""
+    lexicon: Mapped[bytes] = mapped_column(LargeBinary)
+    """`app.knowledge.lexicon.lexicon_bytes` of `text`: its terms' hashes and counts."""
     tokens: Mapped[int] = mapped_column(Integer)
     page: Mapped[int | None] = mapped_column(Integer)
     embedding: Mapped[bytes] = mapped_column(LargeBinary)

@@ -10,18 +10,18 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import ClientClosedRequest, GatewayError, InvalidRequest
 from app.knowledge.index import (
-    VectorCache,
-    load_hits,
+    StoreCache,
     reciprocal_rank_fusion,
     text_ranking,
     vector_ranking,
 )
 from app.knowledge.records import Principal, check_filter, matches
-from app.knowledge.schema import StoredFile, VectorStore, VectorStoreFile
-from app.knowledge.stores import Stores, StoreView
+from app.knowledge.schema import Chunk, StoredFile, VectorStore, VectorStoreFile
+from app.knowledge.stores import Stores
 from app.ledger.storage.database import Database
 
 EmbedQuery = Callable[[str, str], Awaitable[list[float]]]
@@ -66,7 +66,7 @@ class Searcher:
         self,
         db: Database,
         stores: Stores,
-        cache: VectorCache,
+        cache: StoreCache,
         embed_query: EmbedQuery,
         rerank: Rerank | None = None,
         rerank_candidates: int = 20,
@@ -88,44 +88,20 @@ class Searcher:
             raise InvalidRequest("max_num_results must be from 1 to 50", param="max_num_results")
         if query.filters is not None:
             check_filter(query.filters)
-        views = [await self.stores.view(principal, s) for s in store_ids]
-        for view in views:
-            if view.status == "expired":
-                raise InvalidRequest(
-                    f"vector store {view.store.id!r} has expired", param="vector_store_id"
-                )
+        stores = [await self.stores.searchable(principal, s) for s in store_ids]
         depth = max(4 * query.max_num_results, 40)
         vectors: dict[str, list[float]] = {}
-        fused: list[tuple[str, int, float]] = []
-        for view in views:
-            ranked = await self._store_ranking(view, query, depth, vectors)
-            fused += [(view.store.id, chunk_id, score) for chunk_id, score in ranked]
-        fused.sort(key=lambda item: -item[2])
-        fused = fused[:depth]
+        fused: list[tuple[int, float]] = []
+        for store in stores:
+            fused += await self._store_ranking(store, query, depth, vectors)
+        fused.sort(key=lambda item: -item[1])
         async with self.db.session() as session:
-            hits = await load_hits(session, [(c, s) for _, c, s in fused])
-            stores_of = {c: s for s, c, _ in fused}
-            files = await self._file_facts(
-                session, {(stores_of[h.chunk_id], h.file_id) for h in hits}
-            )
-        results = [
-            Result(
-                store_id=stores_of[h.chunk_id],
-                file_id=h.file_id,
-                filename=files[(stores_of[h.chunk_id], h.file_id)][0],
-                score=round(h.score, 6),
-                text=h.text,
-                attributes=files[(stores_of[h.chunk_id], h.file_id)][1],
-                page=h.page,
-                chunk_id=h.chunk_id,
-            )
-            for h in hits
-        ]
+            results = await _results(session, fused[:depth])
         if query.rerank and self.rerank is not None:
             results = await self._reranked(query, results)
         results = [r for r in results if r.score >= query.score_threshold]
-        for view in views:
-            await self.stores.touch(view.store)
+        for store in stores:
+            await self.stores.touch(store)
         return results[: query.max_num_results]
 
     async def _reranked(self, query: Query, results: list[Result]) -> list[Result]:
@@ -146,22 +122,21 @@ class Searcher:
         return sorted(scored, key=lambda r: -r.score)
 
     async def _store_ranking(
-        self, view: StoreView, query: Query, depth: int, vectors: dict[str, list[float]]
+        self, store: VectorStore, query: Query, depth: int, vectors: dict[str, list[float]]
     ) -> list[tuple[int, float]]:
-        store = view.store
         allowed = await self._allowed_files(store, query.filters)
         if allowed is not None and not allowed:
             return []
         model = store.embedding_model
-        if model not in vectors:
-            vectors[model] = await self.embed_query(model, query.text)
-        async with self.db.session() as session:
-            by_text, by_vector = await asyncio.gather(
-                text_ranking(
-                    session, store.id, query.text, depth, allowed, sqlite=self.db.is_sqlite
-                ),
-                vector_ranking(self.cache, store.id, vectors[model], depth, allowed),
+        if model in vectors:
+            index = await self.cache.index(store.id)
+        else:  # the query is embedded while the store's index is brought up to date
+            vector, index = await asyncio.gather(
+                self.embed_query(model, query.text), self.cache.index(store.id)
             )
+            vectors[model] = vector
+        by_text = text_ranking(index, query.text, depth, allowed)
+        by_vector = vector_ranking(index, vectors[model], depth, allowed)
         return reciprocal_rank_fusion([by_text, by_vector])
 
     async def _allowed_files(
@@ -181,28 +156,43 @@ class Searcher:
             ).all()
         return {file_id for file_id, attrs in rows if matches(filters, attrs)}
 
-    async def _file_facts(
-        self, session: Any, pairs: set[tuple[str, str]]
-    ) -> dict[tuple[str, str], tuple[str, Mapping[str, Any]]]:
-        facts: dict[tuple[str, str], tuple[str, Mapping[str, Any]]] = {}
-        if not pairs:
-            return facts
-        file_ids = {f for _, f in pairs}
-        names = dict(
-            (
-                await session.execute(
-                    select(StoredFile.id, StoredFile.filename).where(StoredFile.id.in_(file_ids))
-                )
-            ).all()
-        )
-        rows = (
-            await session.execute(
-                select(
-                    VectorStoreFile.store_id, VectorStoreFile.file_id, VectorStoreFile.attributes
-                ).where(VectorStoreFile.file_id.in_(file_ids))
+
+async def _results(session: AsyncSession, fused: Sequence[tuple[int, float]]) -> list[Result]:
+    """The chunks behind fused (id, score) pairs, with their files' names and attributes, in
+    that order (one query)."""
+    if not fused:
+        return []
+    in_store = (VectorStoreFile.store_id == Chunk.store_id) & (
+        VectorStoreFile.file_id == Chunk.file_id
+    )
+    rows = (
+        await session.execute(
+            select(
+                Chunk.id,
+                Chunk.store_id,
+                Chunk.file_id,
+                Chunk.text,
+                Chunk.page,
+                StoredFile.filename,
+                VectorStoreFile.attributes,
             )
-        ).all()
-        attributes = {(s, f): a or {} for s, f, a in rows}
-        for pair in pairs:
-            facts[pair] = (names.get(pair[1], pair[1]), attributes.get(pair, {}))
-        return facts
+            .outerjoin(StoredFile, StoredFile.id == Chunk.file_id)
+            .outerjoin(VectorStoreFile, in_store)
+            .where(Chunk.id.in_([c for c, _ in fused]))
+        )
+    ).all()
+    found = {r.id: r for r in rows}
+    return [
+        Result(
+            store_id=r.store_id,
+            file_id=r.file_id,
+            filename=r.filename or r.file_id,
+            score=round(score, 6),
+            text=r.text,
+            attributes=r.attributes or {},
+            page=r.page,
+            chunk_id=chunk_id,
+        )
+        for chunk_id, score in fused
+        if (r := found.get(chunk_id)) is not None
+    ]

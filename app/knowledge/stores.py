@@ -57,8 +57,7 @@ class StoreView:
     @property
     def status(self) -> str:
         """expired, in_progress (files still being ingested) or completed."""
-        expires = self.store.expires_at
-        if expires is not None and _aware(expires) <= datetime.now(UTC):
+        if expired(self.store):
             return "expired"
         return "in_progress" if self.counts.in_progress else "completed"
 
@@ -186,6 +185,14 @@ class Stores:
             counts, usage = await _counts(session, VectorStoreFile.store_id == store_id)
         return StoreView(store, counts, usage)
 
+    async def searchable(self, principal: Principal, store_id: str) -> VectorStore:
+        """A store the caller may search: 404 if it may not see it, 400 once it has expired."""
+        async with self.db.session() as session:
+            store = await visible_store(session, principal, store_id)
+        if expired(store):
+            raise InvalidRequest(f"vector store {store_id!r} has expired", param="vector_store_id")
+        return store
+
     async def page(
         self, principal: Principal, *, limit: int, order: str, after: str | None, before: str | None
     ) -> Page[StoreView]:
@@ -220,11 +227,11 @@ class Stores:
                 store.expires_at = _expiry(edit.expires_after, _aware(store.last_active_at))
         return await self.view(principal, store_id)
 
-    async def delete(self, principal: Principal, store_id: str, *, sqlite: bool) -> None:
+    async def delete(self, principal: Principal, store_id: str) -> None:
         """Delete a store, its chunks and its file links (the files themselves stay)."""
         async with self.db.session() as session, session.begin():
             store = await visible_store(session, principal, store_id)
-            await delete_chunks(session, store_id, sqlite=sqlite)
+            await delete_chunks(session, store_id)
             await session.execute(
                 delete(VectorStoreFile).where(VectorStoreFile.store_id == store_id)
             )
@@ -319,14 +326,12 @@ class Stores:
             row.attributes = attributes or {}
         return row
 
-    async def remove_file(
-        self, principal: Principal, store_id: str, file_id: str, *, sqlite: bool
-    ) -> None:
+    async def remove_file(self, principal: Principal, store_id: str, file_id: str) -> None:
         """Take a file out of a store (its chunks go; the file stays)."""
         async with self.db.session() as session, session.begin():
             await visible_store(session, principal, store_id)
             row = await store_file(session, store_id, file_id)
-            await delete_chunks(session, store_id, file_id, sqlite=sqlite)
+            await delete_chunks(session, store_id, file_id)
             await session.delete(row)
 
     async def list_files(
@@ -425,6 +430,11 @@ async def store_file(session: AsyncSession, store_id: str, file_id: str) -> Vect
     if row is None:
         raise NotFound(f"vector store {store_id!r} has no file {file_id!r}", param="file_id")
     return row
+
+
+def expired(store: VectorStore) -> bool:
+    """Whether the store's `expires_after` has run out."""
+    return store.expires_at is not None and _aware(store.expires_at) <= datetime.now(UTC)
 
 
 async def visible_store(session: AsyncSession, principal: Principal, store_id: str) -> VectorStore:

@@ -121,7 +121,7 @@ async def delete_file(
 ) -> Response[bytes]:
     """Delete a file (and take it out of every vector store)."""
     kb, principal = await admitted(request, gateway)
-    await kb.files.delete(principal, file_id, sqlite=kb.sqlite)
+    await kb.files.delete(principal, file_id)
     return json_response(Deleted(id=file_id, object="file"))
 
 

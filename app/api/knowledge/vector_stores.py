@@ -175,7 +175,7 @@ async def delete_store(
 ) -> Response[bytes]:
     """Delete a store (its files stay in the Files API)."""
     kb, principal = await admitted(request, gateway)
-    await kb.stores.delete(principal, vector_store_id, sqlite=kb.sqlite)
+    await kb.stores.delete(principal, vector_store_id)
     kb.cache.forget(vector_store_id)
     return json_response(Deleted(id=vector_store_id, object="vector_store.deleted"))
 
@@ -290,7 +290,7 @@ async def delete_store_file(
 ) -> Response[bytes]:
     """Take a file out of a store (the file itself stays)."""
     kb, principal = await admitted(request, gateway)
-    await kb.stores.remove_file(principal, vector_store_id, file_id, sqlite=kb.sqlite)
+    await kb.stores.remove_file(principal, vector_store_id, file_id)
     return json_response(Deleted(id=file_id, object="vector_store.file.deleted"))
 
 

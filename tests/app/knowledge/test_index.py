@@ -6,7 +6,7 @@ from sqlalchemy import select
 
 from app.config import KnowledgeSettings
 from app.knowledge.chunking import TextChunk
-from app.knowledge.index import VectorCache, text_ranking, vector_ranking, write_chunks
+from app.knowledge.index import StoreCache, text_ranking, vector_ranking, write_chunks
 from app.knowledge.records import Principal
 from app.knowledge.schema import Chunk
 from app.knowledge.stores import NewStore, Stores
@@ -27,9 +27,8 @@ async def test_each_store_ranks_only_its_own_chunks(db: Database) -> None:
                 f"file-{n}",
                 [TextChunk(t, 8, None) for t in texts],
                 [[1.0, float(n), 0.0], [0.0, 1.0, float(n)]],
-                sqlite=db.is_sqlite,
             )
-    cache = VectorCache(db)
+    cache = StoreCache(db)
     for store_id in ids:
         async with db.session() as session:
             rows = await session.execute(
@@ -37,7 +36,7 @@ async def test_each_store_ranks_only_its_own_chunks(db: Database) -> None:
             )
             own: dict[int, str] = {r[0]: r[1] for r in rows}
             for query, expected in (("battery warranty", texts[0]), ("三十天 退货", texts[1])):
-                found = await text_ranking(session, store_id, query, 10, None, sqlite=db.is_sqlite)
+                found = text_ranking(await cache.index(store_id), query, 10, None)
                 assert [own.get(c) for c, _ in found] == [expected]
-        near = await vector_ranking(cache, store_id, [1.0, 0.0, 0.0], 10, None)
+        near = vector_ranking(await cache.index(store_id), [1.0, 0.0, 0.0], 10, None)
         assert {c for c, _ in near} == set(own)
