@@ -134,8 +134,14 @@ class StoreCache:
         self._stores: OrderedDict[str, StoreIndex] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
 
-    async def index(self, store_id: str) -> StoreIndex:
-        """The store's current index (read or brought up to date under a per-store lock)."""
+    async def index(self, store_id: str, generation: int | None = None) -> StoreIndex:
+        """The store's current index (read or brought up to date under a per-store lock).
+        A caller that has just read the store's row passes its `generation`: an index that
+        has it is current without asking the database again."""
+        cached = self._stores.get(store_id)
+        if cached is not None and generation is not None and cached.generation == generation:
+            self._stores.move_to_end(store_id)
+            return cached
         lock = self._locks.setdefault(store_id, asyncio.Lock())
         async with lock:
             async with self.db.session() as session:
@@ -212,14 +218,19 @@ class StoreCache:
         self._locks.pop(store_id, None)
 
 
-def _top(index: StoreIndex, scores: np.ndarray, limit: int) -> list[tuple[int, float]]:
-    """The `limit` best rows by `scores` (those above -inf/0 as given), best first."""
-    k = min(limit, len(scores))
+def _top(
+    index: StoreIndex, scores: np.ndarray, limit: int, rows: np.ndarray | None = None
+) -> list[tuple[int, float]]:
+    """The `limit` best of `rows` (default: all) by `scores`, best first."""
+    if rows is None:
+        rows = np.arange(len(scores))
+    k = min(limit, len(rows))
     if k <= 0:
         return []
-    top = np.argpartition(scores, len(scores) - k)[len(scores) - k :]
-    top = top[np.argsort(-scores[top], kind="stable")]
-    return [(int(index.ids[i]), float(scores[i])) for i in top]
+    picked = scores[rows]
+    best = rows[np.argpartition(picked, len(rows) - k)[len(rows) - k :]]
+    best = best[np.argsort(-scores[best], kind="stable")]
+    return [(int(index.ids[i]), float(scores[i])) for i in best]
 
 
 def vector_ranking(
@@ -243,7 +254,8 @@ def text_ranking(
 ) -> list[tuple[int, float]]:
     """The `limit` best full-text matches by BM25: (chunk id, score), best first."""
     scores = bm25(index.segments, index.lengths, query, index.allowed(files))
-    return [(c, s) for c, s in _top(index, scores, limit) if s > 0]
+    # Only the matches: selecting among the many equal zeros is most of the work otherwise.
+    return _top(index, scores, limit, np.flatnonzero(scores))
 
 
 def reciprocal_rank_fusion(

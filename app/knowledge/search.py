@@ -128,12 +128,11 @@ class Searcher:
         if allowed is not None and not allowed:
             return []
         model = store.embedding_model
+        current = self.cache.index(store.id, store.generation)
         if model in vectors:
-            index = await self.cache.index(store.id)
+            index = await current
         else:  # the query is embedded while the store's index is brought up to date
-            vector, index = await asyncio.gather(
-                self.embed_query(model, query.text), self.cache.index(store.id)
-            )
+            vector, index = await asyncio.gather(self.embed_query(model, query.text), current)
             vectors[model] = vector
         by_text = text_ranking(index, query.text, depth, allowed)
         by_vector = vector_ranking(index, vectors[model], depth, allowed)
