@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import ClientClosedRequest, GatewayError, InvalidRequest
@@ -21,7 +21,7 @@ from app.knowledge.index import (
 )
 from app.knowledge.records import Principal, check_filter, matches
 from app.knowledge.schema import Chunk, StoredFile, VectorStore, VectorStoreFile
-from app.knowledge.stores import Stores
+from app.knowledge.stores import Stores, searchable_store
 from app.ledger.storage.database import Database
 
 EmbedQuery = Callable[[str, str], Awaitable[list[float]]]
@@ -88,14 +88,15 @@ class Searcher:
             raise InvalidRequest("max_num_results must be from 1 to 50", param="max_num_results")
         if query.filters is not None:
             check_filter(query.filters)
-        stores = [await self.stores.searchable(principal, s) for s in store_ids]
         depth = max(4 * query.max_num_results, 40)
         vectors: dict[str, list[float]] = {}
         fused: list[tuple[int, float]] = []
-        for store in stores:
-            fused += await self._store_ranking(store, query, depth, vectors)
-        fused.sort(key=lambda item: -item[1])
+        # One session for the whole search: each of SQLite's is a thread hop per step.
         async with self.db.session() as session:
+            stores = [await searchable_store(session, principal, s) for s in store_ids]
+            for store in stores:
+                fused += await self._store_ranking(session, store, query, depth, vectors)
+            fused.sort(key=lambda item: -item[1])
             results = await _results(session, fused[:depth])
         if query.rerank and self.rerank is not None:
             results = await self._reranked(query, results)
@@ -122,9 +123,14 @@ class Searcher:
         return sorted(scored, key=lambda r: -r.score)
 
     async def _store_ranking(
-        self, store: VectorStore, query: Query, depth: int, vectors: dict[str, list[float]]
+        self,
+        session: AsyncSession,
+        store: VectorStore,
+        query: Query,
+        depth: int,
+        vectors: dict[str, list[float]],
     ) -> list[tuple[int, float]]:
-        allowed = await self._allowed_files(store, query.filters)
+        allowed = await _allowed_files(session, store, query.filters)
         if allowed is not None and not allowed:
             return []
         model = store.embedding_model
@@ -138,22 +144,25 @@ class Searcher:
         by_vector = vector_ranking(index, vectors[model], depth, allowed)
         return reciprocal_rank_fusion([by_text, by_vector])
 
-    async def _allowed_files(
-        self, store: VectorStore, filters: Mapping[str, Any] | None
-    ) -> set[str] | None:
-        """Files whose attributes pass the filter (None: no filter, every file)."""
-        if filters is None:
-            return None
-        async with self.db.session() as session:
-            rows = (
-                await session.execute(
-                    select(VectorStoreFile.file_id, VectorStoreFile.attributes).where(
-                        VectorStoreFile.store_id == store.id,
-                        VectorStoreFile.status == "completed",
-                    )
-                )
-            ).all()
-        return {file_id for file_id, attrs in rows if matches(filters, attrs)}
+
+_RESULTS = (
+    select(
+        Chunk.id,
+        Chunk.store_id,
+        Chunk.file_id,
+        Chunk.text,
+        Chunk.page,
+        StoredFile.filename,
+        VectorStoreFile.attributes,
+    )
+    .outerjoin(StoredFile, StoredFile.id == Chunk.file_id)
+    .outerjoin(
+        VectorStoreFile,
+        (VectorStoreFile.store_id == Chunk.store_id) & (VectorStoreFile.file_id == Chunk.file_id),
+    )
+    .where(Chunk.id.in_(bindparam("ids", expanding=True)))
+)
+"""Built once: building and keying this statement per search cost more than running it."""
 
 
 async def _results(session: AsyncSession, fused: Sequence[tuple[int, float]]) -> list[Result]:
@@ -161,25 +170,7 @@ async def _results(session: AsyncSession, fused: Sequence[tuple[int, float]]) ->
     that order (one query)."""
     if not fused:
         return []
-    in_store = (VectorStoreFile.store_id == Chunk.store_id) & (
-        VectorStoreFile.file_id == Chunk.file_id
-    )
-    rows = (
-        await session.execute(
-            select(
-                Chunk.id,
-                Chunk.store_id,
-                Chunk.file_id,
-                Chunk.text,
-                Chunk.page,
-                StoredFile.filename,
-                VectorStoreFile.attributes,
-            )
-            .outerjoin(StoredFile, StoredFile.id == Chunk.file_id)
-            .outerjoin(VectorStoreFile, in_store)
-            .where(Chunk.id.in_([c for c, _ in fused]))
-        )
-    ).all()
+    rows = (await session.execute(_RESULTS, {"ids": [c for c, _ in fused]})).all()
     found = {r.id: r for r in rows}
     return [
         Result(
@@ -195,3 +186,20 @@ async def _results(session: AsyncSession, fused: Sequence[tuple[int, float]]) ->
         for chunk_id, score in fused
         if (r := found.get(chunk_id)) is not None
     ]
+
+
+async def _allowed_files(
+    session: AsyncSession, store: VectorStore, filters: Mapping[str, Any] | None
+) -> set[str] | None:
+    """Files whose attributes pass the filter (None: no filter, every file)."""
+    if filters is None:
+        return None
+    rows = (
+        await session.execute(
+            select(VectorStoreFile.file_id, VectorStoreFile.attributes).where(
+                VectorStoreFile.store_id == store.id,
+                VectorStoreFile.status == "completed",
+            )
+        )
+    ).all()
+    return {file_id for file_id, attrs in rows if matches(filters, attrs)}

@@ -185,14 +185,6 @@ class Stores:
             counts, usage = await _counts(session, VectorStoreFile.store_id == store_id)
         return StoreView(store, counts, usage)
 
-    async def searchable(self, principal: Principal, store_id: str) -> VectorStore:
-        """A store the caller may search: 404 if it may not see it, 400 once it has expired."""
-        async with self.db.session() as session:
-            store = await visible_store(session, principal, store_id)
-        if expired(store):
-            raise InvalidRequest(f"vector store {store_id!r} has expired", param="vector_store_id")
-        return store
-
     async def page(
         self, principal: Principal, *, limit: int, order: str, after: str | None, before: str | None
     ) -> Page[StoreView]:
@@ -430,6 +422,16 @@ async def store_file(session: AsyncSession, store_id: str, file_id: str) -> Vect
     if row is None:
         raise NotFound(f"vector store {store_id!r} has no file {file_id!r}", param="file_id")
     return row
+
+
+async def searchable_store(
+    session: AsyncSession, principal: Principal, store_id: str
+) -> VectorStore:
+    """A store the caller may search: 404 if it may not see it, 400 once it has expired."""
+    store = await visible_store(session, principal, store_id)
+    if expired(store):
+        raise InvalidRequest(f"vector store {store_id!r} has expired", param="vector_store_id")
+    return store
 
 
 def expired(store: VectorStore) -> bool:
