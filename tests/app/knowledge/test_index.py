@@ -6,7 +6,13 @@ from sqlalchemy import select
 
 from app.config import KnowledgeSettings
 from app.knowledge.chunking import TextChunk
-from app.knowledge.index import StoreCache, text_ranking, vector_ranking, write_chunks
+from app.knowledge.index import (
+    StoreCache,
+    delete_chunks,
+    text_ranking,
+    vector_ranking,
+    write_chunks,
+)
 from app.knowledge.records import Principal
 from app.knowledge.schema import Chunk
 from app.knowledge.stores import NewStore, Stores
@@ -40,3 +46,33 @@ async def test_each_store_ranks_only_its_own_chunks(db: Database) -> None:
                 assert [own.get(c) for c, _ in found] == [expected]
         near = vector_ranking(await cache.index(store_id), [1.0, 0.0, 0.0], 10, None)
         assert {c for c, _ in near} == set(own)
+
+
+async def test_an_index_kept_up_to_date_ranks_as_one_read_afresh(db: Database) -> None:
+    stores = Stores(db, KnowledgeSettings(), lambda: "embedder", lambda: None)
+    store_id = (await stores.create(ADMIN, NewStore(name="growing"))).store.id
+    cache = StoreCache(db)
+    words = ["refund", "warranty", "battery", "退款", "ship", "order"]
+    queries = ["refund", "battery ship", "退款 order"]
+    for n in range(6):
+        text = " ".join(words[: n + 1] * (6 - n))
+        async with db.session() as session, session.begin():
+            await write_chunks(
+                session, store_id, f"file-{n}", [TextChunk(text, 8, None)], [[1.0, float(n)]]
+            )
+        grown = await cache.index(store_id)  # read once, then extended file by file
+    assert len(grown.segments) < 6  # neighbours merged
+    afresh = await StoreCache(db).index(store_id)
+    for query in queries:
+        assert dict(text_ranking(grown, query, 10, None)) == dict(
+            text_ranking(afresh, query, 10, None)
+        )
+    async with db.session() as session, session.begin():
+        await delete_chunks(session, store_id, "file-0")
+    kept = await cache.index(store_id)  # a deletion: read again
+    assert len(kept.ids) == 5
+    afresh = await StoreCache(db).index(store_id)
+    for query in queries:
+        assert dict(text_ranking(kept, query, 10, None)) == dict(
+            text_ranking(afresh, query, 10, None)
+        )
