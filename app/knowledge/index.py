@@ -18,6 +18,7 @@ import asyncio
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from sqlalchemy import delete, func, select, update
@@ -159,7 +160,7 @@ class StoreCache:
                     return cached
                 if cached is not None and cached.purges == purges:
                     fresh = await self._read(session, store_id, cached.last_id, len(cached.ids))
-                    cached = cached.extended(fresh)
+                    cached = await asyncio.to_thread(cached.extended, fresh)
                     cached.generation = generation
                 else:
                     cached = await self._read(session, store_id, 0, 0)
@@ -191,20 +192,9 @@ class StoreCache:
                 empty,
                 [],
             )
-        ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-        files = np.array([r[1] for r in rows], dtype=object)
-        vectors = np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4").reshape(len(rows), -1)
-        postings, lengths = segment([r[3] for r in rows], first_row)
-        return StoreIndex(
-            0,
-            0,
-            int(ids[-1]),
-            ids,
-            files,
-            vectors.astype(np.float32, copy=False),
-            lengths,
-            [postings],
-        )
+        # Off the event loop: at 100k chunks this is seconds of joining and sorting, which
+        # every other request would otherwise wait out.
+        return await asyncio.to_thread(_built, rows, first_row)
 
     def _evict(self) -> None:
         total = sum(m.nbytes for m in self._stores.values())
@@ -216,6 +206,24 @@ class StoreCache:
         """Drop a deleted store's index."""
         self._stores.pop(store_id, None)
         self._locks.pop(store_id, None)
+
+
+def _built(rows: Sequence[Any], first_row: int) -> StoreIndex:
+    """A `StoreIndex` of (id, file id, embedding, lexicon) rows, numbered from `first_row`."""
+    ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+    files = np.array([r[1] for r in rows], dtype=object)
+    vectors = np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4").reshape(len(rows), -1)
+    postings, lengths = segment([r[3] for r in rows], first_row)
+    return StoreIndex(
+        0,
+        0,
+        int(ids[-1]),
+        ids,
+        files,
+        vectors.astype(np.float32, copy=False),
+        lengths,
+        [postings],
+    )
 
 
 def _top(
