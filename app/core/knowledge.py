@@ -68,14 +68,16 @@ class ModelCalls:
         """The model new vector stores embed with."""
         return embedding_model_of(self.config)
 
-    async def embed(self, model: str, texts: list[str]) -> list[list[float]]:
-        """Vectors of `texts`, in order."""
+    def _served(self, model: str, named: str) -> Served:
+        """The served `model`; 404 naming it as `named` once no longer served."""
         served = self.models.get(model)
         if served is None:
-            raise ModelNotFound(
-                f"the embedding model {model!r} of this vector store is no longer served",
-                param="model",
-            )
+            raise ModelNotFound(f"{named} is no longer served", param="model")
+        return served
+
+    async def embed(self, model: str, texts: list[str]) -> list[list[float]]:
+        """Vectors of `texts`, in order."""
+        served = self._served(model, f"the embedding model {model!r} of this vector store")
         req = prepare_embedding(
             EmbeddingRequest(model=served.config.id, input=texts),
             served.config,
@@ -87,9 +89,7 @@ class ModelCalls:
 
     async def rerank(self, model: str, query: str, texts: Sequence[str]) -> list[float]:
         """How relevant each of `texts` is to `query`, by `model`, in order."""
-        served = self.models.get(model)
-        if served is None:
-            raise ModelNotFound(f"the rerank model {model!r} is no longer served", param="model")
+        served = self._served(model, f"the rerank model {model!r}")
         req = prepare_rerank(
             RerankRequest(model=served.config.id, query=query, documents=list(texts)), served
         )

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.knowledge.chunking import TextChunk
@@ -230,38 +230,37 @@ def _top(
     index: StoreIndex, scores: np.ndarray, limit: int, rows: np.ndarray | None = None
 ) -> list[tuple[int, float]]:
     """The `limit` best of `rows` (default: all) by `scores`, best first."""
-    if rows is None:
-        rows = np.arange(len(scores))
-    k = min(limit, len(rows))
+    picked = scores if rows is None else scores[rows]
+    k = min(limit, len(picked))
     if k <= 0:
         return []
-    picked = scores[rows]
-    best = rows[np.argpartition(picked, len(rows) - k)[len(rows) - k :]]
+    best = np.argpartition(picked, len(picked) - k)[len(picked) - k :]
+    if rows is not None:
+        best = rows[best]
     best = best[np.argsort(-scores[best], kind="stable")]
     return [(int(index.ids[i]), float(scores[i])) for i in best]
 
 
 def vector_ranking(
-    index: StoreIndex, query: Sequence[float], limit: int, files: Collection[str] | None
+    index: StoreIndex, query: Sequence[float], limit: int, allowed: np.ndarray | None
 ) -> list[tuple[int, float]]:
-    """The `limit` nearest chunks by cosine similarity: (chunk id, similarity), best first."""
+    """The `limit` nearest chunks by cosine similarity, of the rows `allowed` (a mask from
+    `StoreIndex.allowed`; None: all): (chunk id, similarity), best first."""
     if not len(index.ids):
         return []
     q = np.asarray(query, dtype=np.float32)
     if q.shape[0] != index.vectors.shape[1]:
         return []  # a store embedded with another model; its owner is told at search
     scores = index.vectors @ (q / (np.linalg.norm(q) or 1.0))
-    allowed = index.allowed(files)
-    if allowed is not None:
-        scores = np.where(allowed, scores, -np.inf)
-    return [(c, s) for c, s in _top(index, scores, limit) if np.isfinite(s)]
+    return _top(index, scores, limit, None if allowed is None else np.flatnonzero(allowed))
 
 
 def text_ranking(
-    index: StoreIndex, query: str, limit: int, files: Collection[str] | None
+    index: StoreIndex, query: str, limit: int, allowed: np.ndarray | None
 ) -> list[tuple[int, float]]:
-    """The `limit` best full-text matches by BM25: (chunk id, score), best first."""
-    scores = bm25(index.segments, index.lengths, query, index.allowed(files))
+    """The `limit` best full-text matches by BM25, of the rows `allowed` (as for
+    `vector_ranking`): (chunk id, score), best first."""
+    scores = bm25(index.segments, index.lengths, query, allowed)
     # Only the matches: selecting among the many equal zeros is most of the work otherwise.
     return _top(index, scores, limit, np.flatnonzero(scores))
 
@@ -298,8 +297,3 @@ def linear_fusion(
         for chunk_id, score in ranking:
             fused[chunk_id] = fused.get(chunk_id, 0.0) + weight * (score - low) / span
     return sorted(fused.items(), key=lambda p: -p[1])
-
-
-async def count_chunks(session: AsyncSession, store_id: str) -> int:
-    """How many chunks a store holds."""
-    return int(await session.scalar(select(func.count()).where(Chunk.store_id == store_id)) or 0)

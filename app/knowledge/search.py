@@ -140,8 +140,9 @@ class Searcher:
         else:  # the query is embedded while the store's index is brought up to date
             vector, index = await asyncio.gather(self.embed_query(model, query.text), current)
             vectors[model] = vector
-        by_text = text_ranking(index, query.text, depth, allowed)
-        by_vector = vector_ranking(index, vectors[model], depth, allowed)
+        rows = index.allowed(allowed)
+        by_text = text_ranking(index, query.text, depth, rows)
+        by_vector = vector_ranking(index, vectors[model], depth, rows)
         return reciprocal_rank_fusion([by_text, by_vector])
 
 
